@@ -1,0 +1,145 @@
+"""Evaluation: train a student from scratch on a small image set and measure top-1 on the real test split.
+
+Three label regimes (Dey et al. 2026, "Hard truths about soft labels"):
+
+- ``hard``: cross-entropy on the images' class labels;
+- ``soft``: KL divergence to the stored soft labels (temperature T); for stitched images each sample
+  shows one of its labelled regions (or the whole image) with that region's label;
+- ``soft_kd``: KL divergence to the teacher's output on every augmented view, computed online
+  (the RDED / SRe2L evaluation).
+
+Every batch is augmented by :class:`~ddpipe.augment.Augmenter` (crop, flip, CutMix; labels mixed by
+area). A set's accuracy is taken at the final step; the same recipe and step count are used for the
+distilled set and for the random subset it is compared with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpipe.augment import Augmenter, crop_resize, generator, seed_for
+from ddpipe.config import RunConfig
+from ddpipe.data import DataSource, normalize
+from ddpipe.models import init_model
+from ddpipe.train import Fitter, accuracy, autocast, batch_to, to_device
+
+REGIMES = ("hard", "soft", "soft_kd")
+
+
+@dataclass
+class ImageSet:
+    """A labelled image set held in memory: the distilled set or a random subset."""
+
+    images: torch.Tensor  # uint8 [N, C, S, S]
+    classes: torch.Tensor  # int64 [N]
+    soft: torch.Tensor | None = None  # float32 [N, R, K] stored soft labels per region
+    regions: list[tuple[int, int, int, int]] | None = None  # R region boxes (top, left, h, w)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def student_batch_size(cfg: RunConfig, n: int) -> int:
+    if cfg.evaluation.batch_size:
+        return min(cfg.evaluation.batch_size, n)
+    ipc = cfg.method.ipc
+    return min(n, 10 if ipc == 1 else 50 if ipc <= 10 else 100)
+
+
+def kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    t = cfg.labels.temperature
+    loss = F.kl_div(F.log_softmax(student_logits / t, dim=1), target_probs, reduction="batchmean")
+    return loss * (t * t) if cfg.evaluation.temperature_squared else loss
+
+
+def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int, seed: int, device,
+                  teacher: nn.Module | None = None, progress: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Train a fresh student on ``data`` under ``regime``; returns the model in eval mode."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}")
+    if regime == "soft" and data.soft is None:
+        raise ValueError("the soft regime needs stored soft labels")
+    if regime == "soft_kd" and teacher is None:
+        raise ValueError("the soft_kd regime needs the teacher")
+    ev = cfg.evaluation
+    mean, std = cfg.normalization
+    student = init_model(ev.model, cfg.channels, num_classes, cfg.image_size, seed_for(cfg.seed, "student", seed))
+    student = to_device(student, device, cfg.runtime).train()
+    gen = generator(cfg.seed, "student", regime, seed)
+    aug = Augmenter(ev.augment, gen)
+    n = len(data)
+    bs = student_batch_size(cfg, n)
+    steps_per_epoch = math.ceil(n / bs)
+    total = ev.epochs * steps_per_epoch
+    fitter = Fitter(student, ev.optim, total)
+    size = data.images.shape[-1]
+    step = 0
+    for _ in range(ev.epochs):
+        order = torch.randperm(n, generator=gen)
+        for s in range(0, n, bs):
+            idx = order[s : s + bs]
+            x = data.images[idx].float()
+            target = None
+            if regime == "soft":
+                r = torch.randint(len(data.regions), (len(idx),), generator=gen)
+                if len(data.regions) > 1:  # show each sample's chosen region at full size
+                    boxes = torch.tensor(data.regions)[r]
+                    x = crop_resize(x, boxes, size)
+                target = data.soft[idx, r]
+            x = batch_to(aug.views(normalize(x / 255.0, mean, std)), device, cfg.runtime)
+            x, perm, lam = aug.cutmix(x)
+            perm = perm.to(device)
+            with autocast(device, cfg.runtime):
+                logits = student(x).float()
+                if regime == "soft_kd":
+                    with torch.no_grad():
+                        target = F.softmax(teacher(x).float() / cfg.labels.temperature, dim=1)
+            if regime == "hard":
+                y = data.classes[idx].to(device)
+                loss = lam * F.cross_entropy(logits, y)
+                if lam < 1.0:
+                    loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm])
+            else:
+                target = target.to(device)
+                if regime == "soft" and lam < 1.0:
+                    target = lam * target + (1 - lam) * target[perm]
+                loss = kl_loss(logits, target, cfg)
+            fitter.step(loss)
+            step += 1
+            if progress:
+                progress(step, total)
+    return student.eval()
+
+
+def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, seed: int, device,
+             teacher: nn.Module | None = None, progress=None) -> dict:
+    """Train one student and return its final top-1 on the test split (plus the recipe's step count)."""
+    student = train_student(cfg, regime, data, source.num_classes, seed, device, teacher, progress)
+    mean, std = cfg.normalization
+    top1 = accuracy(student, source.test, mean, std, device, cfg.runtime, cfg.evaluation.test_batch_size)
+    bs = student_batch_size(cfg, len(data))
+    return {
+        "regime": regime,
+        "seed": seed,
+        "top1": round(top1, 6),
+        "images": len(data),
+        "batch_size": bs,
+        "steps": cfg.evaluation.epochs * math.ceil(len(data) / bs),
+        "test_images": len(source.test),
+    }
+
+
+def summarize(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": float(arr.mean()) if len(arr) else None,
+        "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+        "values": [float(v) for v in arr],
+    }

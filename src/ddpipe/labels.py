@@ -1,0 +1,109 @@
+"""Soft labels: the teacher's softened output for every region of a distilled image, stored compactly.
+
+For factor 1 an image has one region (region 0, the whole image). For factor f > 1 it has the whole
+image (region 0) and its f^2 stitched cells (regions 1..f^2, each resized to the input size before the
+teacher sees it), the region-level labels of RDED. A label is ``softmax(teacher(view) / T)``.
+
+Storage (Parquet, :data:`labels_schema`): probabilities as float16 or float32; with ``top_k`` only the k
+largest probabilities and their class indices are kept, and :func:`expand` spreads the remaining mass
+evenly over the other classes when reading.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from ddpipe.augment import crop_resize
+from ddpipe.config import LabelsConfig, RunConfig
+from ddpipe.data import normalize
+from ddpipe.rded import cell_boxes
+from ddpipe.train import predict_logits
+
+
+def labels_schema(num_classes: int, cfg: LabelsConfig) -> pa.Schema:
+    width = cfg.top_k if cfg.top_k and cfg.top_k < num_classes else num_classes
+    value = pa.float16() if cfg.dtype == "float16" else pa.float32()
+    fields = [
+        pa.field("image", pa.string(), nullable=False),  # image path, relative to the run folder
+        pa.field("class_index", pa.int32(), nullable=False),  # the image's class
+        pa.field("region", pa.int16(), nullable=False),  # 0 = whole image, 1..f^2 = grid cells (row-major)
+        pa.field("top", pa.int16(), nullable=False),  # region box in the image
+        pa.field("left", pa.int16(), nullable=False),
+        pa.field("height", pa.int16(), nullable=False),
+        pa.field("width", pa.int16(), nullable=False),
+    ]
+    if width < num_classes:
+        fields.append(pa.field("classes", pa.list_(pa.int32(), width), nullable=False))  # top-k class indices
+    fields.append(pa.field("probs", pa.list_(value, width), nullable=False))
+    return pa.schema(fields, metadata={"num_classes": str(num_classes)})
+
+
+def regions(size: int, factor: int) -> list[tuple[int, int, int, int]]:
+    """Region boxes of an image: the whole image, then the grid cells when factor > 1."""
+    whole = [(0, 0, size, size)]
+    return whole if factor == 1 else whole + cell_boxes(size, factor)
+
+
+def region_views(images: torch.Tensor, factor: int) -> tuple[torch.Tensor, list[tuple[int, int, tuple]]]:
+    """Every region of every uint8 image as a float [0, 255] view at full size, and (image, region, box) meta."""
+    n, _, size, _ = images.shape
+    boxes = regions(size, factor)
+    if factor == 1:
+        views = images.float()  # the whole image is the only view
+    else:
+        index = torch.arange(n).repeat_interleave(len(boxes))
+        views = crop_resize(images.float(), torch.tensor(boxes * n), size, index)
+    meta = [(i, r, boxes[r]) for i in range(n) for r in range(len(boxes))]
+    return views, meta
+
+
+def soft_labels(teacher_model, views: torch.Tensor, cfg: RunConfig, device) -> torch.Tensor:
+    """softmax(teacher(view) / T) for float [0, 255] views; float32 [V, K] on CPU."""
+    mean, std = cfg.normalization
+    logits = predict_logits(teacher_model, normalize(views / 255.0, mean, std), cfg.labels.batch_size, device, cfg.runtime)
+    return F.softmax(logits / cfg.labels.temperature, dim=1)
+
+
+def labels_table(image_paths: list[str], classes: list[int], meta, probs: torch.Tensor, num_classes: int,
+                 cfg: LabelsConfig) -> pa.Table:
+    schema = labels_schema(num_classes, cfg)
+    width = schema.field("probs").type.list_size
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    cols = {
+        "image": [image_paths[i] for i, _, _ in meta],
+        "class_index": [classes[i] for i, _, _ in meta],
+        "region": [r for _, r, _ in meta],
+        "top": [b[0] for _, _, b in meta],
+        "left": [b[1] for _, _, b in meta],
+        "height": [b[2] for _, _, b in meta],
+        "width": [b[3] for _, _, b in meta],
+    }
+    if width < num_classes:
+        values, idx = probs.topk(width, dim=1)
+        cols["classes"] = pa.FixedSizeListArray.from_arrays(pa.array(idx.numpy().astype(np.int32).ravel()), width)
+        probs = values
+    flat = pa.array(probs.numpy().astype(np_dtype).ravel())
+    cols["probs"] = pa.FixedSizeListArray.from_arrays(flat, width)
+    return pa.table(cols, schema=schema)
+
+
+def expand(table: pa.Table) -> torch.Tensor:
+    """Dense float32 probabilities [rows, K] from a labels table (top-k rest spread evenly)."""
+    num_classes = int(table.schema.metadata[b"num_classes"])
+    width = table.schema.field("probs").type.list_size
+    probs = _fixed_list(table["probs"], width).astype(np.float32)
+    if "classes" not in table.column_names:
+        return torch.from_numpy(probs)
+    idx = _fixed_list(table["classes"], width).astype(np.int64)
+    rest = np.clip(1.0 - probs.sum(1, keepdims=True), 0.0, None) / max(1, num_classes - width)
+    dense = np.repeat(rest, num_classes, axis=1)
+    np.put_along_axis(dense, idx, probs, axis=1)
+    return torch.from_numpy(dense)
+
+
+def _fixed_list(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, width)

@@ -1,0 +1,94 @@
+"""The model registry: every network ddpipe trains, built from a :class:`~ddpipe.config.ModelSpec`.
+
+All builders take any input channel count and class count:
+
+- ``convnet``: the DC-style ConvNet (Zhao et al.): ``depth`` blocks of conv3x3(width) - norm - ReLU - 2x2 pool,
+  then a linear classifier. As in the DC reference code, a 28x28 input gets ``padding=3`` in the first conv
+  so the feature maps are 32 -> 16 -> 8 -> 4.
+- ``resnet18_small``: torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (for <= 64 px images).
+- ``resnet18``, ``mobilenet_v2``, ``shufflenet_v2_x0_5``, ``efficientnet_b0``: torchvision builders, randomly
+  initialised, with the first convolution rebuilt for the input channel count.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from ddpipe.config import ModelSpec
+
+
+class ConvNet(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width=128, depth=3, norm="instance",
+                 pooling="avg"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, size = in_channels, image_size
+        for d in range(depth):
+            pad = 3 if (d == 0 and image_size == 28) else 1
+            layers.append(nn.Conv2d(c, width, 3, padding=pad))
+            size = size + 2 * pad - 2
+            if norm == "batch":
+                layers.append(nn.BatchNorm2d(width))
+            elif norm == "instance":
+                layers.append(nn.GroupNorm(width, width, affine=True))
+            layers.append(nn.ReLU(inplace=True))
+            if pooling != "none" and size >= 2:
+                layers.append(nn.AvgPool2d(2) if pooling == "avg" else nn.MaxPool2d(2))
+                size //= 2
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width * size * size, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
+    """Rebuild the first Conv2d of a torchvision model for ``in_channels`` inputs."""
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Conv2d):
+            if child.in_channels == in_channels:
+                return
+            new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                            bias=child.bias is not None)
+            parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+            return
+
+
+def _torchvision(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    _replace_first_conv(model, in_channels)
+    return model
+
+
+def _resnet18_small(in_channels: int, num_classes: int) -> nn.Module:
+    model = _torchvision("resnet18", in_channels, num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+_INIT_LOCK = threading.Lock()  # the global RNG is shared by the flow's worker threads
+MODEL_NAMES = ("convnet", "resnet18_small", "resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0")
+
+
+def build_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """Build a randomly initialised network (use ``torch.manual_seed`` or a checkpoint for determinism)."""
+    if spec.name == "convnet":
+        return ConvNet(in_channels, num_classes, image_size, spec.width, spec.depth, spec.norm, spec.pooling)
+    if spec.name == "resnet18_small":
+        return _resnet18_small(in_channels, num_classes)
+    return _torchvision(spec.name, in_channels, num_classes)
+
+
+def init_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int, seed: int) -> nn.Module:
+    """Build a network whose initial weights depend only on ``seed`` (global RNG untouched)."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(spec, in_channels, num_classes, image_size)

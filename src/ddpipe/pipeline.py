@@ -1,0 +1,274 @@
+"""The pipeline machinery: stages made of shards, cache keys, resume, and a plain sequential runner.
+
+A :class:`Stage` declares its upstream stages, the config sections its results depend on, how it splits
+into :class:`Shard` s and the function that computes one shard and returns the files it wrote.
+:func:`run_shard` wraps that function with the resume logic: a shard whose record exists, was computed
+under the same key and whose files still hash as recorded is skipped; otherwise its record is removed,
+the shard is computed, every output is re-read and checked (sha256, Parquet row count), and only then the
+shard record is written. :func:`finalize_stage` joins the shard records into the stage manifest.
+
+The cache key of a shard is :func:`shard_key`: the stage's config sections, the run seed, the shard, the
+content hashes of its input stage manifests and the code version. The Prefect tasks use the very same key.
+
+:func:`run_pipeline` runs every stage in order with no orchestrator; the ``distill`` flow composes the
+same calls as Prefect tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pydantic import BaseModel
+
+import ddpipe
+from ddpipe import progress
+from ddpipe.config import RunConfig
+from ddpipe.errors import ValidationError
+from ddpipe.manifests import (
+    ShardResult, StageManifest, files_of, plan_table, read_record, record_path, records_table, shard_result,
+    stage_path, write_stage_manifest,
+)
+from ddpipe.store import FileRecord, Store
+
+
+def _code_version() -> str:
+    h = hashlib.sha256()
+    root = Path(ddpipe.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return f"{ddpipe.__version__}+{h.hexdigest()[:12]}"
+
+
+CODE_VERSION = _code_version()
+
+
+class Shard(BaseModel):
+    """One unit of work of a stage. ``id`` is unique within the stage and names its record file."""
+
+    id: str
+    classes: tuple[int, ...] = ()
+    set: str | None = None
+    regime: str | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    sections: tuple[str, ...]  # config sections the results depend on (the run seed always counts)
+    plan: Callable[["Context", int], list[Shard]]  # (context, number of classes) -> shards
+    run: Callable[["Context", Shard, dict[str, StageManifest]], list[FileRecord]]
+    always_run: bool = False  # recompute every time (cheap stages that must see changed inputs)
+    doc: str = ""
+
+
+def run_store(cfg: RunConfig) -> Store:
+    """The store of the run folder ``<store.uri>/<name>-<hash>``."""
+    return Store(cfg.store.uri, cfg.store.storage_options).child(cfg.run_name)
+
+
+@dataclass
+class Context:
+    """What a shard needs at run time: the config, the run folder, the data, the device.
+
+    Loaded things are memoised per context (thread-safe), so shards run in one process share them.
+    """
+
+    cfg: RunConfig
+    _cache: dict = field(default_factory=dict, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def cached(self, key: str, make: Callable):
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = make()
+            return self._cache[key]
+
+    @property
+    def store(self) -> Store:
+        return self.cached("store", lambda: run_store(self.cfg))
+
+    @property
+    def source(self):
+        from ddpipe.data import open_source
+
+        return self.cached("source", lambda: open_source(self.cfg))
+
+    @property
+    def device(self):
+        from ddpipe.train import apply_threads, resolve_device
+
+        def make():
+            apply_threads(self.cfg.runtime)
+            return resolve_device(self.cfg.runtime.device)
+
+        return self.cached("device", make)
+
+
+_contexts: dict[str, Context] = {}
+
+
+_contexts_lock = threading.Lock()
+
+
+def context_for(cfg: RunConfig) -> Context:
+    """One Context per config and process, so shards run in one process share loaded data."""
+    key = cfg.model_dump_json()
+    with _contexts_lock:
+        if key not in _contexts:
+            _contexts[key] = Context(cfg)
+        return _contexts[key]
+
+
+def shard_key(cfg: RunConfig, stage: Stage, shard: Shard, inputs: dict[str, StageManifest]) -> str:
+    payload = {
+        "stage": stage.name,
+        "shard": shard.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "config": json.loads(cfg.section_json(*stage.sections)),
+        "inputs": {name: inputs[name].sha256 for name in sorted(stage.inputs)},
+        "code": CODE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _valid(store: Store, table, key: str) -> bool:
+    if table is None or table.num_rows == 0 or set(table["key"].to_pylist()) != {key}:
+        return False
+    return all(store.verify(f) for f in files_of(table))
+
+
+def run_shard(ctx: Context, stage: Stage, shard: Shard, inputs: dict[str, StageManifest]) -> ShardResult:
+    """Compute one shard, or reuse its outputs if they are complete and valid for the same key."""
+    store = ctx.store
+    key = shard_key(ctx.cfg, stage, shard, inputs)
+    rel = record_path(stage.name, shard.id)
+    if not stage.always_run:
+        table = read_record(store, stage.name, shard.id)
+        if _valid(store, table, key):
+            record = FileRecord(path=rel, sha256=_sha(store.read_bytes(rel)), bytes=0)
+            return shard_result(stage.name, shard.id, key, record, table, reused=True)
+    # Whatever was there no longer counts as done.
+    store.remove(rel)
+    store.remove(stage_path(stage.name))
+    files = stage.run(ctx, shard, inputs)
+    if not files:
+        raise ValidationError(f"stage {stage.name} shard {shard.id} wrote no files")
+    for f in files:
+        if not store.verify(f):
+            raise ValidationError(f"output {store.url(f.path)} of stage {stage.name} failed validation")
+    table = records_table(stage.name, shard.id, key, files)
+    record = store.write_table(rel, table)
+    return shard_result(stage.name, shard.id, key, record, table, reused=False)
+
+
+def finalize_stage(ctx: Context, stage: Stage, shards: list[Shard], results: list[ShardResult]) -> StageManifest:
+    """Check every planned shard is done and its files are present, then write the stage manifest."""
+    store = ctx.store
+    done = {r.shard: r for r in results}
+    missing = [s.id for s in shards if s.id not in done]
+    if missing:
+        raise ValidationError(f"stage {stage.name}: shard {missing[0]} is not done")
+    ordered = [done[s.id] for s in shards]
+    files = []
+    for r in ordered:
+        if _sha(store.read_bytes(r.record)) != r.sha256:
+            raise ValidationError(f"stage {stage.name}: record of shard {r.shard} changed since it was written")
+        files.extend(files_of(store.read_table(r.record)))
+    sizes = store.sizes_of([f.path for f in files])
+    for f in files:
+        if sizes.get(f.path) != f.bytes:
+            raise ValidationError(f"stage {stage.name}: output {store.url(f.path)} is missing or changed")
+    return write_stage_manifest(store, stage.name, ordered)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_plan(ctx: Context, stages: list[Stage], dataset: StageManifest) -> dict[str, list[Shard]]:
+    """Plan every stage once the dataset stage has listed the classes; written to manifests/plan.parquet."""
+    from ddpipe.stages import dataset_classes
+
+    num_classes = len(dataset_classes(ctx.store, dataset))
+    plan = {s.name: s.plan(ctx, num_classes) for s in stages}
+    rows = [(stage, s.id, s.classes) for stage, shards in plan.items() for s in shards]
+    ctx.store.write_table("manifests/plan.parquet", plan_table(rows))
+    return plan
+
+
+def prepare(ctx: Context) -> str:
+    """Check the store is writable, write the resolved config, and return the run folder's token.
+
+    The token is a random id written once into ``run.json`` when the folder is created. Orchestrator
+    caches add it to their keys, so deleting a run folder also invalidates everything cached for it.
+    """
+    ctx.store.check_writable()
+    ctx.store.write_bytes("config.yaml", ctx.cfg.to_yaml().encode())
+    if ctx.store.exists("run.json"):
+        return json.loads(ctx.store.read_bytes("run.json"))["token"]
+    token = uuid.uuid4().hex
+    ctx.store.write_bytes("run.json", json.dumps({"run": ctx.cfg.run_name, "token": token}).encode())
+    return token
+
+
+def run_stage(ctx: Context, stage: Stage, shards: list[Shard], manifests: dict[str, StageManifest]) -> StageManifest:
+    inputs = {name: manifests[name] for name in stage.inputs}
+    progress.emit("stage_started", stage.name, len(shards))
+    results = []
+    for shard in shards:
+        results.append(run_shard(ctx, stage, shard, inputs))
+        progress.emit("shard_finished", stage.name, shard.id, results[-1].reused)
+    manifest = finalize_stage(ctx, stage, shards, results)
+    progress.emit("stage_finished", stage.name)
+    return manifest
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    """Run every stage in order as plain function calls (no orchestrator); returns the report."""
+    from ddpipe.report import write_report
+    from ddpipe.stages import stages_for
+
+    ctx = context_for(cfg)
+    stages = stages_for(cfg)
+    prepare(ctx)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    first = stages[0]
+    manifests = {first.name: run_stage(ctx, first, first.plan(ctx, 0), {})}
+    plan = make_plan(ctx, stages, manifests[first.name])
+    timings[first.name] = time.perf_counter() - start
+    for stage in stages[1:]:
+        start = time.perf_counter()
+        manifests[stage.name] = run_stage(ctx, stage, plan[stage.name], manifests)
+        timings[stage.name] = time.perf_counter() - start
+    return write_report(ctx, manifests, timings)
+
+
+def status(store: Store) -> list[dict]:
+    """Per stage of a run folder: planned shards, done shards, and whether the stage manifest exists."""
+    if not store.exists("manifests/plan.parquet"):
+        raise ValidationError(f"{store.uri} has no manifests/plan.parquet (not a ddpipe run folder, or not started)")
+    plan = store.read_table("manifests/plan.parquet").to_pylist()
+    stages: dict[str, list[str]] = {}
+    for row in plan:
+        stages.setdefault(row["stage"], []).append(row["shard"])
+    out = []
+    for stage, shards in stages.items():
+        present = {name.removesuffix(".parquet") for name in store.list(f"manifests/{stage}")}
+        out.append({
+            "stage": stage,
+            "done": sum(1 for s in shards if s in present),
+            "total": len(shards),
+            "complete": store.exists(stage_path(stage)),
+        })
+    return out

@@ -1,0 +1,163 @@
+"""RDED (Sun et al., CVPR'24, Algorithm 1): per-class patch scoring and stitching.
+
+Stage 1, :func:`score_class`: draw ``candidates_per_class`` images of the class at random (|T'_c|), cut
+``crops_per_image`` square random-resized crops (K) from each at native resolution, resize each to the
+patch size (image_size / factor), and score it with the teacher: realism score = -CE(teacher(crop), class).
+As in the reference code, a patch smaller than the input is zero-padded (in normalised space) to the
+input size before scoring. Each image keeps its best crop; images are ranked by that score and the top
+``factor^2 x ipc`` are selected.
+
+Stage 2, :func:`stitch_class`: distilled image j of a class holds, in grid cell k (row-major), the
+selected patch of rank ``k * ipc + j``, cropped from its source image straight to the cell size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from ddpipe.augment import crop_resize, quantize, sample_boxes
+from ddpipe.config import RunConfig
+from ddpipe.data import Split, normalize
+from ddpipe.errors import DataError
+from ddpipe.teacher import Teacher
+from ddpipe.train import autocast, batch_to
+
+SCORES_SCHEMA = pa.schema(
+    [
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("candidate", pa.int32(), nullable=False),  # position in the random pre-selection
+        pa.field("source_index", pa.int64(), nullable=False),  # index in the train split
+        pa.field("source_id", pa.string(), nullable=False),  # train/<i> or <class>/<file>
+        pa.field("crop", pa.int16(), nullable=False),  # which of the K crops won
+        pa.field("top", pa.int32(), nullable=False),  # crop box in native pixels
+        pa.field("left", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("loss", pa.float32(), nullable=False),  # teacher cross-entropy on the class
+        pa.field("score", pa.float32(), nullable=False),  # realism score = -loss
+        pa.field("rank", pa.int32(), nullable=False),  # 0 = most realistic
+        pa.field("selected", pa.bool_(), nullable=False),  # rank < factor^2 * ipc
+    ]
+)
+
+
+def patches_needed(cfg: RunConfig) -> int:
+    return cfg.factor**2 * cfg.method.ipc
+
+
+def cell_boxes(size: int, factor: int) -> list[tuple[int, int, int, int]]:
+    """Grid cells ``(top, left, h, w)`` of a ``size`` square image, row-major."""
+    edges = [round(i * size / factor) for i in range(factor + 1)]
+    return [
+        (edges[r], edges[c], edges[r + 1] - edges[r], edges[c + 1] - edges[c])
+        for r in range(factor) for c in range(factor)
+    ]
+
+
+def cut(split: Split, source_indices, boxes: torch.Tensor, size) -> torch.Tensor:
+    """uint8 crops of ``boxes`` (one per source image index, repeated indices allowed), resized to ``size``."""
+    unique, inverse = np.unique(np.asarray(source_indices), return_inverse=True)
+    return cut_images([split.image(int(i)) for i in unique], torch.as_tensor(inverse), boxes, size)
+
+
+def cut_images(images: list[torch.Tensor], image_index: torch.Tensor, boxes: torch.Tensor, size) -> torch.Tensor:
+    """uint8 crops: box k cut from ``images[image_index[k]]`` (uint8 [C, H, W], any sizes), resized to ``size``."""
+    if all(im.shape == images[0].shape for im in images):
+        return quantize(crop_resize(torch.stack(images).float(), boxes, size, image_index))
+    out = [quantize(crop_resize(images[int(j)][None].float(), boxes[k : k + 1], size)) for k, j in enumerate(image_index)]
+    return torch.cat(out)
+
+
+def scoring_inputs(patches: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Normalised teacher inputs for uint8 patches: zero-padded, centred, to the input size."""
+    mean, std = cfg.normalization
+    x = normalize(patches, mean, std)
+    pad = cfg.image_size - x.shape[-1]
+    if pad > 0:
+        x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    return x
+
+
+@torch.no_grad()
+def crop_losses(teacher: Teacher, inputs: torch.Tensor, target: int, cfg: RunConfig, device) -> torch.Tensor:
+    """Teacher cross-entropy of each input against class ``target`` (float32, CPU)."""
+    out = []
+    bs = cfg.method.batch_size
+    for s in range(0, len(inputs), bs):
+        x = batch_to(inputs[s : s + bs], device, cfg.runtime)
+        with autocast(device, cfg.runtime):
+            logits = teacher.model(x).float()
+        y = torch.full((len(x),), target, device=logits.device)
+        out.append(F.cross_entropy(logits, y, reduction="none").cpu())
+    return torch.cat(out)
+
+
+def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: torch.Generator, device) -> pa.Table:
+    """RDED stage 1 for class ``c``: one row per candidate image (its best crop), ranked by realism score."""
+    m = cfg.method
+    pool = split.class_indices(c)
+    need = patches_needed(cfg)
+    if len(pool) < need:
+        raise DataError(
+            f"class {c} has {len(pool)} training images, fewer than factor^2 x ipc = {need} (method.ipc={m.ipc})"
+        )
+    order = torch.randperm(len(pool), generator=gen)[: m.candidates_per_class].numpy()
+    candidates = pool[order]
+    n, k = len(candidates), m.crops_per_image
+    patch = cfg.image_size // cfg.factor
+    images = [split.image(int(i)) for i in candidates]
+    boxes = torch.cat([sample_boxes(k, *im.shape[1:], gen, scale=m.crop_scale, ratio=(1.0, 1.0)) for im in images])
+    patches = cut_images(images, torch.arange(n).repeat_interleave(k), boxes, patch)
+    losses = crop_losses(teacher, scoring_inputs(patches, cfg), c, cfg, device).view(n, k)
+    best_loss, best_crop = losses.min(dim=1)
+    rank_order = np.lexsort((np.arange(n), best_loss.numpy()))  # ascending loss, ties by candidate position
+    rank = np.empty(n, dtype=np.int32)
+    rank[rank_order] = np.arange(n, dtype=np.int32)
+    best_boxes = boxes.view(n, k, 4)[torch.arange(n), best_crop]
+    cols = {
+        "class_index": np.full(n, c, dtype=np.int32),
+        "candidate": np.arange(n, dtype=np.int32),
+        "source_index": candidates.astype(np.int64),
+        "source_id": [split.source_id(int(i)) for i in candidates],
+        "crop": best_crop.numpy().astype(np.int16),
+        "top": best_boxes[:, 0].numpy().astype(np.int32),
+        "left": best_boxes[:, 1].numpy().astype(np.int32),
+        "height": best_boxes[:, 2].numpy().astype(np.int32),
+        "width": best_boxes[:, 3].numpy().astype(np.int32),
+        "loss": best_loss.numpy().astype(np.float32),
+        "score": (-best_loss).numpy().astype(np.float32),
+        "rank": rank,
+        "selected": rank < need,
+    }
+    table = pa.table(cols, schema=SCORES_SCHEMA)
+    return table.take(pa.array(rank_order))
+
+
+def selected_rows(scores: pa.Table, cfg: RunConfig) -> list[dict]:
+    """The selected rows of a class's score table, by rank; checks that there are factor^2 x ipc of them."""
+    rows = sorted((r for r in scores.to_pylist() if r["selected"]), key=lambda r: r["rank"])
+    if len(rows) != patches_needed(cfg):
+        raise DataError(f"score table has {len(rows)} selected patches, expected {patches_needed(cfg)}")
+    return rows
+
+
+def stitch_class(split: Split, rows: list[dict], cfg: RunConfig) -> tuple[torch.Tensor, list[dict]]:
+    """RDED stage 2: uint8 images [ipc, C, S, S] of one class and their per-region provenance."""
+    ipc, size = cfg.method.ipc, cfg.image_size
+    cells = cell_boxes(size, cfg.factor)
+    images = torch.zeros(ipc, cfg.channels, size, size, dtype=torch.uint8)
+    provenance = []
+    for cell_index, (top, left, h, w) in enumerate(cells):
+        group = rows[cell_index * ipc : (cell_index + 1) * ipc]
+        boxes = torch.tensor([[r["top"], r["left"], r["height"], r["width"]] for r in group])
+        patches = cut(split, [r["source_index"] for r in group], boxes, (h, w))
+        images[:, :, top : top + h, left : left + w] = patches
+        for j, r in enumerate(group):
+            provenance.append(
+                {"ipc_index": j, "region": cell_index + 1 if cfg.factor > 1 else 0, "cell": (top, left, h, w), **r}
+            )
+    provenance.sort(key=lambda p: (p["ipc_index"], p["region"]))
+    return images, provenance

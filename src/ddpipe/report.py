@@ -1,0 +1,97 @@
+"""``report.json``: the results of a run, built from its manifests.
+
+Schema (all accuracies are fractions in [0, 1]):
+
+```
+{
+  "run": "<name>-<hash>", "run_uri": "...", "config_hash": "...", "code_version": "...",
+  "method": "rded", "dataset": "fashion-mnist", "ipc": 10, "factor": 1, "classes": 10,
+  "teacher": {"model": "convnet", "val_accuracy": 0.93, "origin": "trained" | "<checkpoint uri>"},
+  "labels": {"temperature": 20.0, "dtype": "float16", "top_k": null,
+             "bytes": 123, "bytes_per_image": 12.3},           # distilled set's label files
+  "regimes": {
+    "<hard|soft|soft_kd>": {
+      "distilled": {"mean": 0.8, "std": 0.01, "values": [...]},   # one value per seed
+      "random":    {"mean": 0.7, "std": 0.01, "values": [...]},
+      "improvement_over_random": 0.1,                                # DD-Ranking's IOR
+      "steps": 600                                                   # student steps of each run
+    }
+  },
+  "stages": {"<stage>": {"seconds": 1.2, "shards": 5, "files": 10, "bytes": 1234}},
+  "total_seconds": 12.3
+}
+```
+"""
+
+from __future__ import annotations
+
+import json
+
+from ddpipe.evaluate import summarize
+from ddpipe.manifests import StageManifest, stage_files
+from ddpipe.pipeline import CODE_VERSION, Context
+
+
+def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
+    cfg, store = ctx.cfg, ctx.store
+    results = [json.loads(store.read_bytes(f.path)) for f in stage_files(store, manifests["evaluation"])]
+    regimes = {}
+    for regime in cfg.evaluation.regimes:
+        entry = {}
+        for set_name in ("distilled", "random"):
+            rows = sorted((r for r in results if r["regime"] == regime and r["set"] == set_name), key=lambda r: r["seed"])
+            entry[set_name] = summarize([r["top1"] for r in rows])
+            entry["steps"] = rows[0]["steps"] if rows else None
+        entry["improvement_over_random"] = entry["distilled"]["mean"] - entry["random"]["mean"]
+        regimes[regime] = entry
+    label_files = [f for f in stage_files(store, manifests["labels"]) if f.path.startswith("distilled/")]
+    label_bytes = sum(f.bytes for f in label_files)
+    num_classes = store.read_table("dataset/classes.parquet").num_rows
+    n_images = cfg.method.ipc * num_classes
+    teacher = json.loads(store.read_bytes("teacher/metrics.json"))
+    return {
+        "run": cfg.run_name,
+        "run_uri": store.uri,
+        "config_hash": cfg.hash(),
+        "code_version": CODE_VERSION,
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.kind,
+        "ipc": cfg.method.ipc,
+        "factor": cfg.factor,
+        "classes": num_classes,
+        "teacher": {"model": cfg.teacher.model.name, **teacher},
+        "labels": {
+            "temperature": cfg.labels.temperature, "dtype": cfg.labels.dtype, "top_k": cfg.labels.top_k,
+            "bytes": label_bytes, "bytes_per_image": label_bytes / max(1, n_images),
+        },
+        "regimes": regimes,
+        "stages": {
+            name: {"seconds": round(timings.get(name, 0.0), 3), "shards": m.shards, "files": m.files, "bytes": m.bytes}
+            for name, m in manifests.items()
+        },
+        "total_seconds": round(sum(timings.values()), 3),
+    }
+
+
+def write_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
+    report = build_report(ctx, manifests, timings)
+    ctx.store.write_bytes("report.json", json.dumps(report, indent=1).encode())
+    return report
+
+
+def results_table(report: dict) -> str:
+    """The results as a fixed-width text table (percent)."""
+
+    def cell(s):
+        return f"{100 * s['mean']:6.2f} ± {100 * s['std']:5.2f}" if s["mean"] is not None else "   n/a"
+
+    lines = [
+        f"{report['method']} {report['dataset']} ipc={report['ipc']}  teacher top-1 "
+        f"{100 * report['teacher']['val_accuracy']:.2f}%  labels {report['labels']['bytes']} bytes",
+        f"{'regime':<9} {'distilled':>16} {'random':>16} {'Δ':>7}",
+    ]
+    for regime, e in report["regimes"].items():
+        lines.append(
+            f"{regime:<9} {cell(e['distilled']):>16} {cell(e['random']):>16} {100 * e['improvement_over_random']:+7.2f}"
+        )
+    return "\n".join(lines)

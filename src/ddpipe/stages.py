@@ -1,0 +1,374 @@
+"""The stages of an RDED run and what each writes into the run folder.
+
+=============  ======================  =====================================================================
+stage          shards                  outputs (relative to the run folder)
+=============  ======================  =====================================================================
+dataset        one                     ``dataset/classes.parquet``, ``dataset/dataset.json``
+teacher        one                     ``teacher/teacher.pt``, ``teacher/metrics.json``
+scoring        class groups            ``scoring/class=CCCCC.parquet`` (:data:`ddpipe.rded.SCORES_SCHEMA`)
+synthesis      class groups            ``distilled/images/CCCCC/classCCCCC_idJJJJJ.png``,
+                                       ``distilled/provenance/class=CCCCC.parquet``
+random_subset  class groups            ``random/images/...png``, ``random/provenance/...parquet``
+labels         set x class groups      ``{distilled,random}/labels/class=CCCCC.parquet``
+evaluation     set x regime x seed     ``evaluation/{set}-{regime}-seed{S}.json``
+=============  ======================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from ddpipe import progress
+from ddpipe.augment import generator
+from ddpipe.data import resize_center
+from ddpipe.errors import CheckpointError, DataError, TeacherError
+from ddpipe.evaluate import ImageSet, evaluate
+from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
+from ddpipe.manifests import StageManifest
+from ddpipe.pipeline import Context, Shard, Stage
+from ddpipe.rded import patches_needed, score_class, selected_rows, stitch_class
+from ddpipe.store import FileRecord, Store
+from ddpipe.teacher import Teacher, check_class_map, checkpoint_bytes, load_teacher, measure, read_checkpoint, train_teacher
+
+SETS = ("distilled", "random")
+
+CLASSES_SCHEMA = pa.schema(
+    [
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("train_images", pa.int64(), nullable=False),
+        pa.field("test_images", pa.int64(), nullable=False),
+    ]
+)
+
+PROVENANCE_SCHEMA = pa.schema(
+    [
+        pa.field("image", pa.string(), nullable=False),  # PNG path, relative to the run folder
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("ipc_index", pa.int32(), nullable=False),  # j in 0..ipc-1
+        pa.field("region", pa.int16(), nullable=False),  # 0 = whole image, 1..f^2 = grid cell (row-major)
+        pa.field("cell_top", pa.int16(), nullable=False),  # where the patch sits in the image
+        pa.field("cell_left", pa.int16(), nullable=False),
+        pa.field("cell_height", pa.int16(), nullable=False),
+        pa.field("cell_width", pa.int16(), nullable=False),
+        pa.field("source_index", pa.int64(), nullable=False),  # train-split index of the source image
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("crop_top", pa.int32(), nullable=False),  # crop box in the source image (native pixels)
+        pa.field("crop_left", pa.int32(), nullable=False),
+        pa.field("crop_height", pa.int32(), nullable=False),
+        pa.field("crop_width", pa.int32(), nullable=False),
+        pa.field("score", pa.float32()),  # realism score of the patch (null for random-subset images)
+    ]
+)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def image_path(set_name: str, c: int, j: int) -> str:
+    return f"{set_name}/images/{c:05d}/class{c:05d}_id{j:05d}.png"
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    arr = image.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_decode(data: bytes, channels: int) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def write_image_set_class(store: Store, set_name: str, c: int, images: torch.Tensor, rows: list[dict]) -> list[FileRecord]:
+    """PNG per image plus the class's provenance table (one row per image region)."""
+    files = [store.write_bytes(image_path(set_name, c, j), png_bytes(img)) for j, img in enumerate(images)]
+    table = pa.table(
+        {
+            "image": [image_path(set_name, c, r["ipc_index"]) for r in rows],
+            "class_index": [c] * len(rows),
+            "ipc_index": [r["ipc_index"] for r in rows],
+            "region": [r["region"] for r in rows],
+            "cell_top": [r["cell"][0] for r in rows],
+            "cell_left": [r["cell"][1] for r in rows],
+            "cell_height": [r["cell"][2] for r in rows],
+            "cell_width": [r["cell"][3] for r in rows],
+            "source_index": [r["source_index"] for r in rows],
+            "source_id": [r["source_id"] for r in rows],
+            "crop_top": [r["top"] for r in rows],
+            "crop_left": [r["left"] for r in rows],
+            "crop_height": [r["height"] for r in rows],
+            "crop_width": [r["width"] for r in rows],
+            "score": [r.get("score") for r in rows],
+        },
+        schema=PROVENANCE_SCHEMA,
+    )
+    files.append(store.write_table(f"{set_name}/provenance/class={c:05d}.parquet", table))
+    return files
+
+
+def dataset_classes(store: Store, dataset: StageManifest) -> list[str]:
+    return store.read_table("dataset/classes.parquet").column("class_name").to_pylist()
+
+
+def teacher_of(ctx: Context, manifests: dict[str, StageManifest]) -> Teacher:
+    """The run's teacher, loaded once per process and checked against the data's class map."""
+    sha = manifests["teacher"].sha256
+
+    def load():
+        classes = dataset_classes(ctx.store, manifests["dataset"])
+        return load_teacher(ctx.store.read_bytes("teacher/teacher.pt"), ctx.store.url("teacher/teacher.pt"),
+                            classes, ctx.cfg, ctx.device)
+
+    return ctx.cached(f"teacher:{sha}", load)
+
+
+def class_groups(ctx: Context, num_classes: int) -> list[Shard]:
+    size = ctx.cfg.orchestration.classes_per_shard
+    return [
+        Shard(id=f"classes-{s:05d}-{min(s + size, num_classes) - 1:05d}", classes=tuple(range(s, min(s + size, num_classes))))
+        for s in range(0, num_classes, size)
+    ]
+
+
+# ---------------------------------------------------------------- dataset
+
+
+def check_class_sizes(cfg, src) -> None:
+    """Every class must have enough training images for the method; the test split must not be empty."""
+    need = max(patches_needed(cfg), cfg.method.ipc)
+    for c, n in enumerate(src.train.class_counts()):
+        if n < need:
+            raise DataError(
+                f"method.ipc={cfg.method.ipc} needs {need} training images per class (factor^2 x ipc with factor "
+                f"{cfg.factor}), but class '{src.classes[c]}' has {n}"
+            )
+    if len(src.test) == 0:
+        raise DataError("the test split has no images")
+
+
+def run_dataset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    cfg, src = ctx.cfg, ctx.source
+    check_class_sizes(cfg, src)
+    train, test = src.train.class_counts(), src.test.class_counts()
+    table = pa.table(
+        {"class_index": list(range(src.num_classes)), "class_name": src.classes, "train_images": train.tolist(),
+         "test_images": test.tolist()},
+        schema=CLASSES_SCHEMA,
+    )
+    info = {
+        "kind": src.kind, "fingerprint": src.fingerprint, "train_fingerprint": src.train.fingerprint,
+        "test_fingerprint": src.test.fingerprint, "num_classes": src.num_classes, "image_size": cfg.image_size,
+        "channels": cfg.channels, "train_images": len(src.train), "test_images": len(src.test),
+    }
+    return [
+        ctx.store.write_table("dataset/classes.parquet", table),
+        ctx.store.write_bytes("dataset/dataset.json", json.dumps(info, indent=1, sort_keys=True).encode()),
+    ]
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def read_external(uri: str, storage_options: dict) -> bytes:
+    try:
+        with fsspec.open(uri, "rb", **(storage_options if "://" in uri else {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"teacher checkpoint not found: {uri} (teacher.checkpoint)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read teacher checkpoint {uri}: {e}") from None
+
+
+def run_teacher(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    cfg, src, store = ctx.cfg, ctx.source, ctx.store
+    classes = dataset_classes(store, inputs["dataset"])
+    if cfg.teacher.checkpoint:
+        data = read_external(cfg.teacher.checkpoint, cfg.store.storage_options)
+        teacher = load_teacher(data, cfg.teacher.checkpoint, classes, cfg, ctx.device)
+        acc, origin = measure(teacher.model, cfg, src, ctx.device), cfg.teacher.checkpoint
+    else:
+        model = train_teacher(cfg, src, ctx.device, progress.stepper("teacher", shard.id, every=10))
+        acc, origin = measure(model, cfg, src, ctx.device), "trained"
+        data = checkpoint_bytes(model, cfg, src, cfg.teacher.model, acc)
+    if acc < cfg.teacher.min_val_accuracy:
+        raise TeacherError(
+            f"teacher test accuracy {acc:.4f} is below teacher.min_val_accuracy={cfg.teacher.min_val_accuracy}"
+        )
+    metrics = {"val_accuracy": round(acc, 6), "origin": origin, "test_images": len(src.test)}
+    return [
+        store.write_bytes("teacher/teacher.pt", data),
+        store.write_bytes("teacher/metrics.json", json.dumps(metrics, indent=1, sort_keys=True).encode()),
+    ]
+
+
+def check_teacher_checkpoint(cfg, classes: list[str]) -> None:
+    """Fail early if ``teacher.checkpoint`` is missing, unreadable or for another class map."""
+    if cfg.teacher.checkpoint:
+        payload = read_checkpoint(read_external(cfg.teacher.checkpoint, cfg.store.storage_options), cfg.teacher.checkpoint)
+        check_class_map(payload["classes"], classes, cfg.teacher.checkpoint)
+
+
+# ---------------------------------------------------------------- RDED stages
+
+
+def run_scoring(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    teacher = teacher_of(ctx, inputs)
+    files = []
+    for k, c in enumerate(shard.classes):
+        table = score_class(teacher, ctx.source.train, c, ctx.cfg, generator(ctx.cfg.seed, "scoring", c), ctx.device)
+        files.append(ctx.store.write_table(f"scoring/class={c:05d}.parquet", table))
+        progress.emit("step", "scoring", shard.id, k + 1, len(shard.classes))
+    return files
+
+
+def run_synthesis(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    files = []
+    for c in shard.classes:
+        rows = selected_rows(ctx.store.read_table(f"scoring/class={c:05d}.parquet"), ctx.cfg)
+        images, provenance = stitch_class(ctx.source.train, rows, ctx.cfg)
+        files += write_image_set_class(ctx.store, "distilled", c, images, provenance)
+    return files
+
+
+def run_random_subset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """The baseline: ``ipc`` real images per class drawn at random, stored like a distilled set."""
+    split, size = ctx.source.train, ctx.cfg.image_size
+    files = []
+    for c in shard.classes:
+        pool = split.class_indices(c)
+        picks = pool[torch.randperm(len(pool), generator=generator(ctx.cfg.seed, "random", c))[: ctx.cfg.method.ipc].numpy()]
+        images, rows = [], []
+        for j, i in enumerate(picks):
+            native = split.image(int(i))
+            h, w = native.shape[1:]
+            side = min(h, w)
+            images.append(resize_center(native, size))
+            rows.append({"ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": int(i),
+                         "source_id": split.source_id(int(i)), "top": (h - side) // 2, "left": (w - side) // 2,
+                         "height": side, "width": side, "score": None})
+        files += write_image_set_class(ctx.store, "random", c, torch.stack(images), rows)
+    return files
+
+
+def set_factor(ctx: Context, set_name: str) -> int:
+    return ctx.cfg.factor if set_name == "distilled" else 1
+
+
+def load_class_images(ctx: Context, set_name: str, c: int) -> tuple[list[str], torch.Tensor]:
+    prov = ctx.store.read_table(f"{set_name}/provenance/class={c:05d}.parquet")
+    paths = list(dict.fromkeys(prov.column("image").to_pylist()))
+    images = torch.stack([png_decode(ctx.store.read_bytes(p), ctx.cfg.channels) for p in paths])
+    return paths, images
+
+
+def run_labels(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    teacher = teacher_of(ctx, inputs)
+    factor = set_factor(ctx, shard.set)
+    num_classes = len(teacher.classes)
+    files = []
+    for c in shard.classes:
+        paths, images = load_class_images(ctx, shard.set, c)
+        views, meta = region_views(images, factor)
+        probs = soft_labels(teacher.model, views, ctx.cfg, ctx.device)
+        table = labels_table(paths, [c] * len(paths), meta, probs, num_classes, ctx.cfg.labels)
+        files.append(ctx.store.write_table(f"{shard.set}/labels/class={c:05d}.parquet", table))
+    return files
+
+
+def load_image_set(ctx: Context, set_name: str, num_classes: int, with_labels: bool) -> ImageSet:
+    images, classes, soft = [], [], []
+    for c in range(num_classes):
+        _, imgs = load_class_images(ctx, set_name, c)
+        images.append(imgs)
+        classes += [c] * len(imgs)
+        if with_labels:
+            table = ctx.store.read_table(f"{set_name}/labels/class={c:05d}.parquet")
+            soft.append(expand(table).view(len(imgs), -1, num_classes))
+    size = ctx.cfg.image_size
+    return ImageSet(
+        images=torch.cat(images), classes=torch.tensor(classes, dtype=torch.int64),
+        soft=torch.cat(soft) if with_labels else None, regions=regions(size, set_factor(ctx, set_name)),
+    )
+
+
+def run_evaluation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    teacher = teacher_of(ctx, inputs)
+    num_classes = len(teacher.classes)
+    with_labels = shard.regime == "soft"
+    data = ctx.cached(
+        f"set:{shard.set}:{with_labels}:{inputs['labels'].sha256}",
+        lambda: load_image_set(ctx, shard.set, num_classes, with_labels),
+    )
+    result = evaluate(ctx.cfg, shard.regime, data, ctx.source, shard.seed, ctx.device,
+                      teacher.model if shard.regime == "soft_kd" else None,
+                      progress.stepper("evaluation", shard.id, every=20))
+    result["set"] = shard.set
+    rel = f"evaluation/{shard.id}.json"
+    return [ctx.store.write_bytes(rel, json.dumps(result, indent=1, sort_keys=True).encode())]
+
+
+def preflight(cfg) -> None:
+    """The checks that need no teacher: store writable, data present and big enough, checkpoint class map.
+
+    The stages repeat them where they matter; this runs them up front so a bad input fails in a second.
+    """
+    from ddpipe.pipeline import context_for
+
+    ctx = context_for(cfg)
+    ctx.store.check_writable()
+    check_class_sizes(cfg, ctx.source)
+    check_teacher_checkpoint(cfg, ctx.source.classes)
+
+
+# ---------------------------------------------------------------- the stage list
+
+
+def _one(name: str):
+    return lambda ctx, num_classes: [Shard(id=name)]
+
+
+def _label_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    return [
+        Shard(id=f"{s}-{g.id}", classes=g.classes, set=s) for s in SETS for g in class_groups(ctx, num_classes)
+    ]
+
+
+def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    ev = ctx.cfg.evaluation
+    return [
+        Shard(id=f"{s}-{r}-seed{seed}", set=s, regime=r, seed=seed)
+        for r in ev.regimes for seed in ev.seeds for s in SETS
+    ]
+
+
+def stages_for(cfg) -> list[Stage]:
+    """The stages of a run, in order. The first stage always describes the dataset."""
+    return [
+        Stage("dataset", (), ("dataset", "method"), _one("dataset"), run_dataset, always_run=True,
+              doc="list classes, count images, fingerprint the data"),
+        Stage("teacher", ("dataset",), ("dataset", "teacher"), _one("teacher"), run_teacher,
+              doc="train (or load) and measure the teacher"),
+        Stage("scoring", ("dataset", "teacher"), ("dataset", "method"), class_groups, run_scoring,
+              doc="RDED stage 1: score crops, select the top factor^2 x ipc per class"),
+        Stage("synthesis", ("dataset", "scoring"), ("dataset", "method"), class_groups, run_synthesis,
+              doc="RDED stage 2: stitch the selected patches into images"),
+        Stage("random_subset", ("dataset",), ("dataset", "method"), class_groups, run_random_subset,
+              doc="draw the random-subset baseline"),
+        Stage("labels", ("dataset", "teacher", "synthesis", "random_subset"), ("dataset", "method", "labels"),
+              _label_shards, run_labels, doc="region-level soft labels from the teacher"),
+        Stage("evaluation", ("dataset", "teacher", "synthesis", "random_subset", "labels"),
+              ("dataset", "method", "labels", "evaluation"), _eval_shards, run_evaluation,
+              doc="train students under every regime and measure test accuracy"),
+    ]

@@ -1,0 +1,168 @@
+"""The store: a run folder on any fsspec filesystem, written atomically.
+
+``Store("./runs/x")``, ``Store("s3://bucket/runs/x", {"client_kwargs": {"endpoint_url": ...}})`` or
+``Store("memory://runs/x")``. Every write is atomic: on a local disk the bytes go to a temporary file in the
+same folder that is then renamed over the target; on object stores a file is one PUT, which readers see
+whole or not at all. A write returns a :class:`FileRecord` (path, sha256, bytes, rows) that manifests keep
+and :meth:`Store.verify` checks later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from ddpipe.errors import StoreError
+
+
+class FileRecord(BaseModel):
+    """One file written by a stage, relative to the run folder."""
+
+    path: str
+    sha256: str
+    bytes: int
+    rows: int | None = None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """A Parquet file's bytes; deterministic for the same table."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class Store:
+    """A folder (the run folder) in an fsspec filesystem."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.storage_options = dict(storage_options or {})
+        try:
+            self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
+        except (ImportError, ValueError, TypeError) as e:
+            raise StoreError(f"cannot open store '{uri}': {e}") from None
+        self.root = root.rstrip("/")
+        self.local = "file" in _protocols(self.fs)
+        self.uri = self.root if self.local else self.fs.unstrip_protocol(self.root)
+
+    def child(self, name: str) -> "Store":
+        """The store of a sub-folder (e.g. a run folder inside the store root)."""
+        return Store(f"{self.uri}/{name}", self.storage_options)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url(self, rel: str) -> str:
+        return self.path(rel) if self.local else self.fs.unstrip_protocol(self.path(rel))
+
+    # ---------------------------------------------------------------- writing
+    def write_bytes(self, rel: str, data: bytes, rows: int | None = None) -> FileRecord:
+        path = self.path(rel)
+        try:
+            if self.local:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except OSError as e:
+            raise StoreError(f"cannot write {self.url(rel)}: {e}") from None
+        return FileRecord(path=rel, sha256=sha256_bytes(data), bytes=len(data), rows=rows)
+
+    def write_table(self, rel: str, table: pa.Table) -> FileRecord:
+        return self.write_bytes(rel, table_bytes(table), rows=table.num_rows)
+
+    def remove(self, rel: str) -> None:
+        try:
+            if self.exists(rel):
+                self.fs.rm(self.path(rel), recursive=True)
+        except OSError as e:
+            raise StoreError(f"cannot remove {self.url(rel)}: {e}") from None
+
+    def check_writable(self) -> None:
+        """Write, read back and delete a probe file; StoreError naming the URI if any step fails."""
+        rel = f".ddpipe-probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(rel, b"ok")
+            if self.read_bytes(rel) != b"ok":
+                raise OSError("read back different bytes")
+            self.fs.rm(self.path(rel))
+        except StoreError:
+            raise StoreError(f"store '{self.uri}' cannot be written (check the path, bucket and credentials)") from None
+        except Exception as e:  # s3fs raises botocore/aiohttp errors too
+            raise StoreError(f"store '{self.uri}' cannot be written: {e.__class__.__name__}: {e}") from None
+
+    # ---------------------------------------------------------------- reading
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            raise StoreError(f"missing file {self.url(rel)}") from None
+        except OSError as e:
+            raise StoreError(f"cannot read {self.url(rel)}: {e}") from None
+
+    def read_table(self, rel: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return self.fs.exists(self.path(rel))
+        except OSError:
+            return False
+
+    def list(self, rel: str) -> list[str]:
+        """Names of the files directly in folder ``rel`` (empty if it does not exist)."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=False)
+        except (FileNotFoundError, OSError):
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def sizes_of(self, rels: list[str]) -> dict[str, int]:
+        """Size of each file in ``rels`` that exists (one listing per folder, not one request per file)."""
+        folders: dict[str, list[str]] = {}
+        for rel in rels:
+            folders.setdefault(rel.rsplit("/", 1)[0] if "/" in rel else "", []).append(rel)
+        out = {}
+        for folder in folders:
+            try:
+                entries = self.fs.ls(self.path(folder), detail=True)
+            except (FileNotFoundError, OSError):
+                continue
+            for e in entries:
+                name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+                out[f"{folder}/{name}" if folder else name] = int(e.get("size") or 0)
+        return out
+
+    def verify(self, record: FileRecord) -> bool:
+        """True if the file exists with the recorded sha256 (and, for Parquet, the recorded row count)."""
+        try:
+            data = self.fs.cat_file(self.path(record.path))
+        except (FileNotFoundError, OSError):
+            return False
+        if sha256_bytes(data) != record.sha256:
+            return False
+        if record.rows is not None and record.path.endswith(".parquet"):
+            try:
+                return pq.read_metadata(io.BytesIO(data)).num_rows == record.rows
+            except Exception:
+                return False
+        return True
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)

@@ -1,0 +1,150 @@
+"""The teacher ("squeeze" stage): training, the checkpoint format and the class-map check.
+
+A checkpoint is a ``torch.save``'d dict that carries everything needed to use the teacher safely: the
+model spec, the weights, the class map (ordered class names), the input format (size, channels,
+normalisation), the dataset fingerprint and the top-1 accuracy measured on the test split.
+:func:`load_teacher` refuses a checkpoint whose class map differs from the data's: with a shifted class
+order every label the teacher gives is wrong and distillation silently collapses.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpipe.augment import Augmenter, generator, seed_for
+from ddpipe.config import ModelSpec, RunConfig
+from ddpipe.data import DataSource, normalize
+from ddpipe.errors import CheckpointError, ClassMapMismatchError
+from ddpipe.models import build_model, init_model
+from ddpipe.train import Fitter, accuracy, autocast, batch_to, to_device
+
+CHECKPOINT_FORMAT = "ddpipe-teacher/1"
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    spec: ModelSpec
+    classes: list[str]
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    val_accuracy: float
+
+
+def train_teacher(cfg: RunConfig, source: DataSource, device: torch.device,
+                  progress: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Train the teacher on the whole training split with the configured recipe."""
+    t = cfg.teacher
+    split = source.train
+    model = init_model(t.model, cfg.channels, source.num_classes, cfg.image_size, seed_for(cfg.seed, "teacher", "init"))
+    model = to_device(model, device, cfg.runtime)
+    gen = generator(cfg.seed, "teacher", "data")
+    aug = Augmenter(t.augment, gen)
+    mean, std = cfg.normalization
+    steps_per_epoch = math.ceil(len(split) / t.batch_size)
+    total = max(1, round(t.epochs * steps_per_epoch))
+    fitter = Fitter(model, t.optim, total)
+    model.train()
+    step = 0
+    while step < total:
+        order = torch.randperm(len(split), generator=gen).numpy()
+        for images, labels in split.batches(order, t.batch_size, cfg.runtime.loader_workers):
+            x = batch_to(aug.views(normalize(images, mean, std)), device, cfg.runtime)
+            y = labels.to(device)
+            x, perm, lam = aug.cutmix(x)
+            with autocast(device, cfg.runtime):
+                logits = model(x).float()
+            loss = lam * F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+            if lam < 1.0:
+                loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm.to(device)], label_smoothing=t.label_smoothing)
+            fitter.step(loss)
+            step += 1
+            if progress:
+                progress(step, total)
+            if step >= total:
+                break
+    model.eval()
+    return model
+
+
+def checkpoint_bytes(model: nn.Module, cfg: RunConfig, source: DataSource, spec: ModelSpec, val_accuracy: float) -> bytes:
+    mean, std = cfg.normalization
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": spec.model_dump(mode="json"),
+        "state_dict": state,
+        "classes": list(source.classes),
+        "image_size": cfg.image_size,
+        "channels": cfg.channels,
+        "mean": list(mean),
+        "std": list(std),
+        "dataset_fingerprint": source.fingerprint,
+        "val_accuracy": float(val_accuracy),
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
+def read_checkpoint(data: bytes, name: str) -> dict:
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"teacher checkpoint {name} is not readable: {e.__class__.__name__}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"teacher checkpoint {name} is not a ddpipe teacher checkpoint ({CHECKPOINT_FORMAT})")
+    return payload
+
+
+def check_class_map(checkpoint_classes: list[str], data_classes: list[str], name: str) -> None:
+    """Raise ClassMapMismatchError naming the first class that differs."""
+    if list(checkpoint_classes) == list(data_classes):
+        return
+    for i, (a, b) in enumerate(zip(checkpoint_classes, data_classes)):
+        if a != b:
+            raise ClassMapMismatchError(
+                f"teacher checkpoint {name} was trained on another class map: class {i} is '{a}' in the checkpoint "
+                f"but '{b}' in the data"
+            )
+    raise ClassMapMismatchError(
+        f"teacher checkpoint {name} was trained on another class map: {len(checkpoint_classes)} classes in the "
+        f"checkpoint, {len(data_classes)} in the data"
+    )
+
+
+def load_teacher(data: bytes, name: str, data_classes: list[str], cfg: RunConfig, device: torch.device) -> Teacher:
+    """Load a checkpoint, check its class map and input format against the data, and return the teacher."""
+    payload = read_checkpoint(data, name)
+    check_class_map(payload["classes"], data_classes, name)
+    if payload["channels"] != cfg.channels or payload["image_size"] != cfg.image_size:
+        raise CheckpointError(
+            f"teacher checkpoint {name} expects {payload['channels']}x{payload['image_size']}px inputs, the config gives "
+            f"{cfg.channels}x{cfg.image_size}px"
+        )
+    spec = ModelSpec.model_validate(payload["model"])
+    model = build_model(spec, payload["channels"], len(payload["classes"]), payload["image_size"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"teacher checkpoint {name} does not match its model spec: {str(e).splitlines()[0]}") from None
+    model = to_device(model, device, cfg.runtime).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Teacher(model, spec, list(payload["classes"]), payload["image_size"], payload["channels"],
+                   tuple(payload["mean"]), tuple(payload["std"]), float(payload["val_accuracy"]))
+
+
+def measure(model: nn.Module, cfg: RunConfig, source: DataSource, device) -> float:
+    mean, std = cfg.normalization
+    return accuracy(model, source.test, mean, std, device, cfg.runtime, cfg.evaluation.test_batch_size)
+

@@ -1,0 +1,117 @@
+"""Training helpers shared by the teacher and the students: device, optimiser, schedule, accuracy."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddpipe.config import OptimConfig, RuntimeConfig
+from ddpipe.data import Split, normalize
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def apply_threads(runtime: RuntimeConfig) -> None:
+    if runtime.num_threads:
+        torch.set_num_threads(runtime.num_threads)
+
+
+def to_device(model: nn.Module, device: torch.device, runtime: RuntimeConfig) -> nn.Module:
+    model = model.to(device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def batch_to(x: torch.Tensor, device: torch.device, runtime: RuntimeConfig) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if runtime.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def autocast(device: torch.device, runtime: RuntimeConfig):
+    """bfloat16 autocast on CUDA when ``runtime.amp``; a no-op elsewhere (CPU results stay exact)."""
+    if runtime.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Weight decay on weights of conv/linear layers only, not on norm parameters and biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int):
+    """Multiplier of the peak learning rate at each step (for LambdaLR)."""
+    warm = int(cfg.warmup_fraction * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "step":
+            return 1.0 if step < total_steps // 2 + 1 else 0.1
+        t = (step - warm) / max(1, total_steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
+
+
+class Fitter:
+    """Optimiser + schedule + one ``step(loss)``; the caller computes the loss."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig, total_steps: int):
+        self.model = model
+        self.opt = build_optimizer(model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor(cfg, total_steps))
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device, runtime) -> torch.Tensor:
+    """Logits (float32, on CPU) for normalised inputs ``x``, in batches."""
+    model.eval()
+    out = []
+    for s in range(0, len(x), batch_size):
+        with autocast(device, runtime):
+            out.append(model(batch_to(x[s : s + batch_size], device, runtime)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: Split, mean, std, device, runtime: RuntimeConfig, batch_size=1000) -> float:
+    """Top-1 accuracy on a whole split."""
+    model.eval()
+    correct = 0
+    for images, labels in split.batches(np.arange(len(split)), batch_size, runtime.loader_workers):
+        with autocast(device, runtime):
+            logits = model(batch_to(normalize(images, mean, std), device, runtime))
+        correct += int((logits.argmax(1).cpu() == labels).sum())
+    return correct / max(1, len(split))

@@ -1,0 +1,109 @@
+"""Prefect tasks: thin wrappers over :mod:`ddpipe.pipeline` with caching, retries and artifacts.
+
+Tasks take and return small pydantic models (:class:`RunRef`, :class:`~ddpipe.pipeline.Shard`,
+:class:`~ddpipe.manifests.ShardResult`, :class:`~ddpipe.manifests.StageManifest`), never tensors.
+
+Caching: :class:`ShardCachePolicy` keys a shard task on :func:`ddpipe.pipeline.shard_key` (the stage's
+config sections, the input manifests' content hashes, the code version) plus the run folder's token,
+with no RUN_ID, so a new flow run after a crash gets every finished shard as a cache hit. The library
+checks the shard's outputs as well, so a lost Prefect cache (another machine, a wiped PREFECT_HOME) only
+costs a re-validation, never a recomputation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE, CachePolicy
+from pydantic import BaseModel
+
+from ddpipe import pipeline
+from ddpipe.config import RunConfig
+from ddpipe.errors import DDPipeError
+from ddpipe.manifests import ShardResult, StageManifest
+from ddpipe.pipeline import Shard, Stage, context_for
+from ddpipe.report import write_report
+from ddpipe.stages import stages_for
+
+
+class RunRef(BaseModel):
+    """What every task needs to find its run: the config and the run folder's token."""
+
+    config: RunConfig
+    token: str
+
+    @property
+    def uri(self) -> str:
+        return pipeline.run_store(self.config).uri
+
+
+def stage_named(cfg: RunConfig, name: str) -> Stage:
+    for stage in stages_for(cfg):
+        if stage.name == name:
+            return stage
+    raise KeyError(name)
+
+
+@dataclass
+class ShardCachePolicy(CachePolicy):
+    """Cache key of a shard task: the library's shard key plus the run token (None = never cache)."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        ref: RunRef = inputs["ref"]
+        stage = stage_named(ref.config, inputs["stage"])
+        if stage.always_run:
+            return None
+        key = pipeline.shard_key(ref.config, stage, inputs["shard"], inputs["inputs"])
+        return hashlib.sha256(f"{key}:{ref.token}".encode()).hexdigest()
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry transient failures (network, store), not bad input: that fails the same way again."""
+    try:
+        state.result()
+    except DDPipeError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="prepare-run", cache_policy=NO_CACHE)
+def prepare_run(cfg: RunConfig) -> RunRef:
+    """Check the store, write config.yaml, and return the run reference."""
+    token = pipeline.prepare(context_for(cfg))
+    return RunRef(config=cfg, token=token)
+
+
+@task(
+    name="run-shard",
+    cache_policy=ShardCachePolicy(),
+    result_serializer="json",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_unless_user_error,
+)
+def run_shard(ref: RunRef, stage: str, shard: Shard, inputs: dict[str, StageManifest]) -> ShardResult:
+    """Compute (or validate and reuse) one shard of a stage."""
+    return pipeline.run_shard(context_for(ref.config), stage_named(ref.config, stage), shard, inputs)
+
+
+@task(name="finalize-stage", cache_policy=NO_CACHE)
+def finalize_stage(ref: RunRef, stage: str, shards: list[Shard], results: list[ShardResult]) -> StageManifest:
+    """Validate every shard of a stage and write the stage manifest."""
+    return pipeline.finalize_stage(context_for(ref.config), stage_named(ref.config, stage), shards, results)
+
+
+@task(name="plan-run", cache_policy=NO_CACHE)
+def plan_run(ref: RunRef, dataset: StageManifest) -> dict[str, list[Shard]]:
+    """Split every stage into shards (needs the class count from the dataset stage)."""
+    return pipeline.make_plan(context_for(ref.config), stages_for(ref.config), dataset)
+
+
+@task(name="write-report", cache_policy=NO_CACHE)
+def report(ref: RunRef, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
+    """Build report.json from the manifests."""
+    return write_report(context_for(ref.config), manifests, timings)
