@@ -49,14 +49,12 @@ def stage_named(cfg: RunConfig, name: str) -> Stage:
 
 @dataclass
 class ShardCachePolicy(CachePolicy):
-    """Cache key of a shard task: the library's shard key plus the run token (None = never cache)."""
+    """Cache key of a shard task: the library's shard key plus the run folder's token."""
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         ref: RunRef = inputs["ref"]
         stage = stage_named(ref.config, inputs["stage"])
-        if stage.always_run:
-            return None
-        key = pipeline.shard_key(ref.config, stage, inputs["shard"], inputs["inputs"])
+        key = pipeline.shard_key(context_for(ref.config), stage, inputs["shard"], inputs["inputs"])
         return hashlib.sha256(f"{key}:{ref.token}".encode()).hexdigest()
 
 

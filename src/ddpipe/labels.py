@@ -35,10 +35,14 @@ def labels_schema(num_classes: int, cfg: LabelsConfig) -> pa.Schema:
         pa.field("height", pa.int16(), nullable=False),
         pa.field("width", pa.int16(), nullable=False),
     ]
-    if width < num_classes:
-        fields.append(pa.field("classes", pa.list_(pa.int32(), width), nullable=False))  # top-k class indices
+    if width < num_classes:  # top-k class indices
+        fields.append(pa.field("classes", pa.list_(_index_type(num_classes), width), nullable=False))
     fields.append(pa.field("probs", pa.list_(value, width), nullable=False))
     return pa.schema(fields, metadata={"num_classes": str(num_classes)})
+
+
+def _index_type(num_classes: int) -> pa.DataType:
+    return pa.int16() if num_classes <= 32767 else pa.int32()
 
 
 def regions(size: int, factor: int) -> list[tuple[int, int, int, int]]:
@@ -83,7 +87,8 @@ def labels_table(image_paths: list[str], classes: list[int], meta, probs: torch.
     }
     if width < num_classes:
         values, idx = probs.topk(width, dim=1)
-        cols["classes"] = pa.FixedSizeListArray.from_arrays(pa.array(idx.numpy().astype(np.int32).ravel()), width)
+        index = pa.array(idx.numpy().ravel(), type=_index_type(num_classes))
+        cols["classes"] = pa.FixedSizeListArray.from_arrays(index, width)
         probs = values
     flat = pa.array(probs.numpy().astype(np_dtype).ravel())
     cols["probs"] = pa.FixedSizeListArray.from_arrays(flat, width)

@@ -119,7 +119,7 @@ def write_stage_manifest(store: Store, stage: str, results: list[ShardResult]) -
     """Concatenate the shard records (in the given shard order) into the stage manifest."""
     tables = [store.read_table(r.record) for r in results]
     table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
-    rec = store.write_table(stage_path(stage), table)
+    rec = store.write_table(stage_path(stage), table, if_changed=True)
     files = files_of(table)
     return StageManifest(
         stage=stage, path=rec.path, sha256=rec.sha256, shards=len(results), files=len(files),

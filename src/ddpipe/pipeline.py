@@ -8,7 +8,8 @@ the shard is computed, every output is re-read and checked (sha256, Parquet row 
 shard record is written. :func:`finalize_stage` joins the shard records into the stage manifest.
 
 The cache key of a shard is :func:`shard_key`: the stage's config sections, the run seed, the shard, the
-content hashes of its input stage manifests and the code version. The Prefect tasks use the very same key.
+content hashes of its input stage manifests, the code version, and for the dataset stage the data's
+fingerprint. The Prefect tasks use the very same key.
 
 :func:`run_pipeline` runs every stage in order with no orchestrator; the ``distill`` flow composes the
 same calls as Prefect tasks.
@@ -67,7 +68,7 @@ class Stage:
     sections: tuple[str, ...]  # config sections the results depend on (the run seed always counts)
     plan: Callable[["Context", int], list[Shard]]  # (context, number of classes) -> shards
     run: Callable[["Context", Shard, dict[str, StageManifest]], list[FileRecord]]
-    always_run: bool = False  # recompute every time (cheap stages that must see changed inputs)
+    fingerprint: Callable[["Context"], str] | None = None  # extra key input (e.g. the data's content hash)
     doc: str = ""
 
 
@@ -129,7 +130,8 @@ def context_for(cfg: RunConfig) -> Context:
         return _contexts[key]
 
 
-def shard_key(cfg: RunConfig, stage: Stage, shard: Shard, inputs: dict[str, StageManifest]) -> str:
+def shard_key(ctx: Context, stage: Stage, shard: Shard, inputs: dict[str, StageManifest]) -> str:
+    cfg = ctx.cfg
     payload = {
         "stage": stage.name,
         "shard": shard.model_dump(mode="json"),
@@ -137,6 +139,7 @@ def shard_key(cfg: RunConfig, stage: Stage, shard: Shard, inputs: dict[str, Stag
         "config": json.loads(cfg.section_json(*stage.sections)),
         "inputs": {name: inputs[name].sha256 for name in sorted(stage.inputs)},
         "code": CODE_VERSION,
+        "fingerprint": stage.fingerprint(ctx) if stage.fingerprint else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -150,13 +153,12 @@ def _valid(store: Store, table, key: str) -> bool:
 def run_shard(ctx: Context, stage: Stage, shard: Shard, inputs: dict[str, StageManifest]) -> ShardResult:
     """Compute one shard, or reuse its outputs if they are complete and valid for the same key."""
     store = ctx.store
-    key = shard_key(ctx.cfg, stage, shard, inputs)
+    key = shard_key(ctx, stage, shard, inputs)
     rel = record_path(stage.name, shard.id)
-    if not stage.always_run:
-        table = read_record(store, stage.name, shard.id)
-        if _valid(store, table, key):
-            record = FileRecord(path=rel, sha256=_sha(store.read_bytes(rel)), bytes=0)
-            return shard_result(stage.name, shard.id, key, record, table, reused=True)
+    table = read_record(store, stage.name, shard.id)
+    if _valid(store, table, key):
+        record = FileRecord(path=rel, sha256=_sha(store.read_bytes(rel)), bytes=0)
+        return shard_result(stage.name, shard.id, key, record, table, reused=True)
     # Whatever was there no longer counts as done.
     store.remove(rel)
     store.remove(stage_path(stage.name))
@@ -202,7 +204,7 @@ def make_plan(ctx: Context, stages: list[Stage], dataset: StageManifest) -> dict
     num_classes = len(dataset_classes(ctx.store, dataset))
     plan = {s.name: s.plan(ctx, num_classes) for s in stages}
     rows = [(stage, s.id, s.classes) for stage, shards in plan.items() for s in shards]
-    ctx.store.write_table("manifests/plan.parquet", plan_table(rows))
+    ctx.store.write_table("manifests/plan.parquet", plan_table(rows), if_changed=True)
     return plan
 
 
@@ -213,7 +215,7 @@ def prepare(ctx: Context) -> str:
     caches add it to their keys, so deleting a run folder also invalidates everything cached for it.
     """
     ctx.store.check_writable()
-    ctx.store.write_bytes("config.yaml", ctx.cfg.to_yaml().encode())
+    ctx.store.write_bytes("config.yaml", ctx.cfg.to_yaml().encode(), if_changed=True)
     if ctx.store.exists("run.json"):
         return json.loads(ctx.store.read_bytes("run.json"))["token"]
     token = uuid.uuid4().hex

@@ -95,8 +95,11 @@ def crop_losses(teacher: Teacher, inputs: torch.Tensor, target: int, cfg: RunCon
     return torch.cat(out)
 
 
-def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: torch.Generator, device) -> pa.Table:
-    """RDED stage 1 for class ``c``: one row per candidate image (its best crop), ranked by realism score."""
+def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator):
+    """The random pre-selection T'_c of class ``c`` and K crop boxes per candidate.
+
+    Returns (candidate split indices [n], their uint8 images, int64 boxes [n * K, 4] grouped by candidate).
+    """
     m = cfg.method
     pool = split.class_indices(c)
     need = patches_needed(cfg)
@@ -104,13 +107,18 @@ def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: tor
         raise DataError(
             f"class {c} has {len(pool)} training images, fewer than factor^2 x ipc = {need} (method.ipc={m.ipc})"
         )
-    order = torch.randperm(len(pool), generator=gen)[: m.candidates_per_class].numpy()
-    candidates = pool[order]
-    n, k = len(candidates), m.crops_per_image
-    patch = cfg.image_size // cfg.factor
+    candidates = pool[torch.randperm(len(pool), generator=gen)[: m.candidates_per_class].numpy()]
     images = [split.image(int(i)) for i in candidates]
+    k = m.crops_per_image
     boxes = torch.cat([sample_boxes(k, *im.shape[1:], gen, scale=m.crop_scale, ratio=(1.0, 1.0)) for im in images])
-    patches = cut_images(images, torch.arange(n).repeat_interleave(k), boxes, patch)
+    return candidates, images, boxes
+
+
+def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: torch.Generator, device) -> pa.Table:
+    """RDED stage 1 for class ``c``: one row per candidate image (its best crop), ranked by realism score."""
+    candidates, images, boxes = draw_candidates(split, c, cfg, gen)
+    n, k = len(candidates), cfg.method.crops_per_image
+    patches = cut_images(images, torch.arange(n).repeat_interleave(k), boxes, cfg.image_size // cfg.factor)
     losses = crop_losses(teacher, scoring_inputs(patches, cfg), c, cfg, device).view(n, k)
     best_loss, best_crop = losses.min(dim=1)
     rank_order = np.lexsort((np.arange(n), best_loss.numpy()))  # ascending loss, ties by candidate position
@@ -130,10 +138,9 @@ def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: tor
         "loss": best_loss.numpy().astype(np.float32),
         "score": (-best_loss).numpy().astype(np.float32),
         "rank": rank,
-        "selected": rank < need,
+        "selected": rank < patches_needed(cfg),
     }
-    table = pa.table(cols, schema=SCORES_SCHEMA)
-    return table.take(pa.array(rank_order))
+    return pa.table(cols, schema=SCORES_SCHEMA).take(pa.array(rank_order))
 
 
 def selected_rows(scores: pa.Table, cfg: RunConfig) -> list[dict]:

@@ -356,7 +356,8 @@ def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
 def stages_for(cfg) -> list[Stage]:
     """The stages of a run, in order. The first stage always describes the dataset."""
     return [
-        Stage("dataset", (), ("dataset", "method"), _one("dataset"), run_dataset, always_run=True,
+        Stage("dataset", (), ("dataset", "method"), _one("dataset"), run_dataset,
+              fingerprint=lambda ctx: ctx.source.fingerprint,
               doc="list classes, count images, fingerprint the data"),
         Stage("teacher", ("dataset",), ("dataset", "teacher"), _one("teacher"), run_teacher,
               doc="train (or load) and measure the teacher"),

@@ -67,8 +67,12 @@ class Store:
         return self.path(rel) if self.local else self.fs.unstrip_protocol(self.path(rel))
 
     # ---------------------------------------------------------------- writing
-    def write_bytes(self, rel: str, data: bytes, rows: int | None = None) -> FileRecord:
+    def write_bytes(self, rel: str, data: bytes, rows: int | None = None, if_changed: bool = False) -> FileRecord:
+        """Write ``data`` atomically. With ``if_changed``, a file that already holds these bytes is left alone."""
         path = self.path(rel)
+        record = FileRecord(path=rel, sha256=sha256_bytes(data), bytes=len(data), rows=rows)
+        if if_changed and self.verify(record):
+            return record
         try:
             if self.local:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -80,10 +84,10 @@ class Store:
                 self.fs.pipe_file(path, data)
         except OSError as e:
             raise StoreError(f"cannot write {self.url(rel)}: {e}") from None
-        return FileRecord(path=rel, sha256=sha256_bytes(data), bytes=len(data), rows=rows)
+        return record
 
-    def write_table(self, rel: str, table: pa.Table) -> FileRecord:
-        return self.write_bytes(rel, table_bytes(table), rows=table.num_rows)
+    def write_table(self, rel: str, table: pa.Table, if_changed: bool = False) -> FileRecord:
+        return self.write_bytes(rel, table_bytes(table), rows=table.num_rows, if_changed=if_changed)
 
     def remove(self, rel: str) -> None:
         try:

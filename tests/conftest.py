@@ -1,0 +1,73 @@
+"""Shared fixtures. Every test runs on real Fashion-MNIST (small slices of it)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Prefect reads its settings at import: isolate its home and keep it offline before anything imports it.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="ddpipe-test-prefect-")
+os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ddpipe.config import RunConfig, load_config  # noqa: E402
+from ddpipe.data import find_fashion_mnist  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SMOKE = CONFIGS / "smoke.yaml"
+
+try:
+    find_fashion_mnist(None)
+except Exception as e:  # pragma: no cover - the README's set-up installs it
+    pytest.exit(f"Fashion-MNIST is required for the tests: {e}", returncode=2)
+
+torch.set_num_threads(2)
+
+
+def smoke_config(store: str | Path, *overrides: str) -> RunConfig:
+    """The smoke preset with its store redirected (plus dotted-key overrides)."""
+    return load_config(SMOKE, [f"store.uri={store}", *overrides])
+
+
+@pytest.fixture
+def cfg(tmp_path) -> RunConfig:
+    return smoke_config(tmp_path / "runs")
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(session_dir):
+    """The smoke preset's teacher, trained once for the unit tests: (cfg, source, Teacher)."""
+    from ddpipe.data import open_source
+    from ddpipe.teacher import checkpoint_bytes, load_teacher, measure, train_teacher
+
+    c = smoke_config(session_dir / "runs")
+    source = open_source(c)
+    model = train_teacher(c, source, torch.device("cpu"))
+    acc = measure(model, c, source, torch.device("cpu"))
+    data = checkpoint_bytes(model, c, source, c.teacher.model, acc)
+    (session_dir / "teacher.pt").write_bytes(data)
+    return c, source, load_teacher(data, "teacher.pt", source.classes, c, torch.device("cpu"))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
+    """Run the ddpipe CLI in a subprocess; returns CompletedProcess with text output."""
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ddpipe.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout,
+        cwd=ROOT,
+    )

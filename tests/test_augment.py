@@ -1,0 +1,47 @@
+import torch
+import torch.nn.functional as F
+
+from ddpipe.augment import Augmenter, crop_resize, generator, sample_boxes, seed_for
+from ddpipe.config import AugmentConfig
+
+
+def test_sample_boxes_fit_the_image_and_repeat_with_the_seed():
+    a = sample_boxes(500, 28, 40, generator(1), scale=(0.08, 1.0), ratio=(1.0, 1.0))
+    b = sample_boxes(500, 28, 40, generator(1), scale=(0.08, 1.0), ratio=(1.0, 1.0))
+    assert torch.equal(a, b)
+    top, left, h, w = a.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 40).all()
+    assert (h == w).all() and (h >= 1).all()  # square crops
+    assert len(set(map(tuple, a.tolist()))) > 400
+
+
+def test_sample_boxes_fall_back_to_a_centre_crop():
+    # No square crop of 90-100% of a 10x40 image fits: every draw falls back to the centred 10x10 square.
+    boxes = sample_boxes(20, 10, 40, generator(0), scale=(0.9, 1.0), ratio=(1.0, 1.0))
+    assert (boxes == torch.tensor([0, 15, 10, 10])).all()
+
+
+def test_crop_resize_matches_bilinear_resize_of_the_crop():
+    x = torch.rand(2, 3, 20, 24) * 255
+    boxes = torch.tensor([[0, 0, 20, 24], [4, 6, 10, 10]])
+    out = crop_resize(x, boxes, (20, 24))
+    assert torch.allclose(out[0], x[0], atol=1e-3)  # the full box is the identity
+    # Upscaling a box: interior pixels equal F.interpolate of the cropped region.
+    ref = F.interpolate(x[1:, :, 4:14, 6:16], size=(20, 24), mode="bilinear", align_corners=False)
+    assert torch.allclose(out[1, :, 2:-2, 2:-2], ref[0, :, 2:-2, 2:-2], atol=1e-3)
+
+
+def test_augmenter_is_seeded_and_cutmix_reports_the_kept_share():
+    x = torch.rand(8, 1, 28, 28)
+    cfg = AugmentConfig(crop_scale=(0.5, 1.0), flip=True, cutmix=1.0)
+    a, b = Augmenter(cfg, generator(3)), Augmenter(cfg, generator(3))
+    va, vb = a.views(x), b.views(x)
+    assert torch.equal(va, vb) and not torch.equal(va, x)
+    mixed, perm, lam = a.cutmix(x)
+    changed = (mixed != x).float().mean().item()
+    assert 0.0 <= lam <= 1.0 and abs((1 - lam) - changed) < 0.2
+
+
+def test_seed_for_is_stable():
+    assert seed_for(0, "scoring", 3) == seed_for(0, "scoring", 3) != seed_for(0, "scoring", 4)
+    assert 0 <= seed_for(0, "x") < 2**63

@@ -1,0 +1,120 @@
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpipe.config import build_config
+from ddpipe.data import FASHION_MNIST_CLASSES, find_fashion_mnist, open_source
+from ddpipe.errors import DataError, DatasetNotFoundError
+
+
+def fm_config(**dataset):
+    return build_config({"name": "t", "dataset": {"kind": "fashion-mnist", **dataset}})
+
+
+def test_fashion_mnist_from_debian_path():
+    src = open_source(fm_config())
+    assert src.classes == list(FASHION_MNIST_CLASSES)
+    assert (len(src.train), len(src.test)) == (60000, 10000)
+    assert src.train.class_counts().tolist() == [6000] * 10
+    idx = src.train.class_indices(3)
+    assert (src.train.labels[idx] == 3).all() and len(idx) == 6000
+    img = src.train.image(int(idx[0]))
+    assert img.dtype == torch.uint8 and img.shape == (1, 28, 28) and img.max() > 0
+
+
+def test_fashion_mnist_from_torchvision_root(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in find_fashion_mnist(None).iterdir():
+        if f.name.endswith(".gz"):
+            shutil.copy(f, raw / f.name)
+    a = open_source(fm_config(root=str(tmp_path), train_per_class=5, test_per_class=5))
+    b = open_source(fm_config(train_per_class=5, test_per_class=5))
+    assert a.fingerprint == b.fingerprint
+    assert torch.equal(a.train.batch(range(50)), b.train.batch(range(50)))
+
+
+def test_slices_keep_the_first_images_of_each_class_and_change_the_fingerprint():
+    full = open_source(fm_config())
+    small = open_source(fm_config(train_per_class=7, test_per_class=3))
+    assert small.train.class_counts().tolist() == [7] * 10 and len(small.test) == 30
+    for c in range(10):
+        first = full.train.class_indices(c)[:7]
+        assert torch.equal(small.train.batch(small.train.class_indices(c)), full.train.batch(first))
+    assert small.fingerprint != full.fingerprint
+
+
+def test_missing_fashion_mnist_names_the_install_hint(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as e:
+        open_source(fm_config(root=str(tmp_path / "nowhere")))
+    assert "apt-get install dataset-fashion-mnist" in str(e.value) and "dataset.root" in str(e.value)
+
+
+def test_truncated_idx_file_is_named(tmp_path):
+    src = find_fashion_mnist(None)
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    import gzip
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress((src / "t10k-labels-idx1-ubyte.gz").read_bytes())[:-10])
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.*truncated"):
+        open_source(fm_config(root=str(tmp_path)))
+
+
+def write_image_folder(root, per_class=6, classes=3, size=28, rgb=False):
+    """Real Fashion-MNIST images written in the ImageNet layout: <root>/{train,val}/<class>/*.png."""
+    src = open_source(fm_config())
+    for split, split_src, n in (("train", src.train, per_class), ("val", src.test, 2)):
+        for c in range(classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for k, i in enumerate(split_src.class_indices(c)[:n]):
+                arr = split_src.image(int(i))[0].numpy()
+                im = Image.fromarray(arr).resize((size + 4 * k, size), Image.BILINEAR)  # varied native sizes
+                (im.convert("RGB") if rgb else im).save(d / f"img{k:03d}.png")
+    return root
+
+
+def folder_config(root, **extra):
+    return build_config({"name": "f", "dataset": {"kind": "image-folder", "root": str(root), "image_size": 28,
+                                                    "channels": 1, **extra}})
+
+
+def test_image_folder_lists_classes_and_loads_images(tmp_path):
+    root = write_image_folder(tmp_path / "data")
+    src = open_source(folder_config(root))
+    assert src.classes == ["n00000000", "n00000001", "n00000002"]
+    assert src.train.class_counts().tolist() == [6, 6, 6] and len(src.test) == 6
+    assert src.train.source_id(1) == "n00000000/img001.png"
+    native = src.train.image(1)
+    assert native.shape == (1, 28, 32)  # native size kept
+    batch = src.train.batch([0, 1, 7])
+    assert batch.shape == (3, 1, 28, 28) and batch.dtype == torch.uint8
+
+
+def test_image_folder_fingerprint_follows_content(tmp_path):
+    root = write_image_folder(tmp_path / "data")
+    fp = open_source(folder_config(root)).fingerprint
+    Image.fromarray(np.zeros((28, 40), dtype=np.uint8)).save(root / "train" / "n00000001" / "img002.png")
+    assert open_source(folder_config(root)).fingerprint != fp
+
+
+def test_corrupt_image_file_is_named(tmp_path):
+    root = write_image_folder(tmp_path / "data")
+    bad = root / "train" / "n00000002" / "img003.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    src = open_source(folder_config(root))
+    i = src.train.files.index("n00000002/img003.png")
+    with pytest.raises(DataError) as e:
+        src.train.image(i)
+    assert str(bad) in str(e.value)
+
+
+def test_image_folder_missing_split_is_a_clear_error(tmp_path):
+    root = write_image_folder(tmp_path / "data")
+    shutil.rmtree(root / "val")
+    with pytest.raises(DatasetNotFoundError, match="test_split"):
+        open_source(folder_config(root))

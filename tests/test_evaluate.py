@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from ddpipe.evaluate import ImageSet, evaluate, summarize, train_student
+from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
+
+from conftest import smoke_config
+
+CPU = torch.device("cpu")
+
+
+def real_set(source, per_class=5):
+    idx = [int(i) for c in range(10) for i in source.train.class_indices(c)[:per_class]]
+    return ImageSet(images=source.train.batch(idx), classes=torch.from_numpy(source.train.labels[idx]))
+
+
+@pytest.fixture(scope="module")
+def setup(trained_teacher, tmp_path_factory):
+    _, source, teacher = trained_teacher
+    cfg = smoke_config(tmp_path_factory.mktemp("ev"), "evaluation.epochs=30")
+    data = real_set(source)
+    views, meta = region_views(data.images, 1)
+    probs = soft_labels(teacher.model, views, cfg, CPU)
+    table = labels_table([str(i) for i in range(len(data))], data.classes.tolist(), meta, probs, 10, cfg.labels)
+    data.soft = expand(table).view(len(data), 1, 10)
+    data.regions = regions(28, 1)
+    return cfg, source, teacher, data
+
+
+@pytest.mark.parametrize("regime", ["hard", "soft", "soft_kd"])
+def test_students_learn_under_every_regime(setup, regime):
+    cfg, source, teacher, data = setup
+    result = evaluate(cfg, regime, data, source, 0, CPU, teacher.model)
+    assert result["top1"] > 0.3  # chance is 0.1
+    assert result["steps"] == 30 and result["images"] == 50  # ipc 2: batch 50, one step per epoch
+
+
+def test_student_training_is_deterministic_per_seed(setup):
+    cfg, source, teacher, data = setup
+    a = evaluate(cfg, "soft_kd", data, source, 1, CPU, teacher.model)
+    b = evaluate(cfg, "soft_kd", data, source, 1, CPU, teacher.model)
+    c = evaluate(cfg, "soft_kd", data, source, 2, CPU, teacher.model)
+    assert a == b and a["top1"] != c["top1"]
+
+
+def test_regimes_need_their_labels(setup):
+    cfg, source, teacher, data = setup
+    bare = ImageSet(images=data.images, classes=data.classes)
+    with pytest.raises(ValueError, match="stored soft labels"):
+        train_student(cfg, "soft", bare, 10, 0, CPU)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        train_student(cfg, "soft_kd", bare, 10, 0, CPU)
+
+
+def test_summarize():
+    s = summarize([0.5, 0.7])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1414, abs=1e-3)
+    assert summarize([0.4])["std"] == 0.0

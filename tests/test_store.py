@@ -1,0 +1,43 @@
+import os
+import stat
+
+import pyarrow as pa
+import pytest
+
+from ddpipe.errors import StoreError
+from ddpipe.store import Store
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_atomic_write_then_verify_and_detect_corruption(tmp_path, kind):
+    uri = str(tmp_path / "s") if kind == "local" else f"memory://ddpipe-test-{tmp_path.name}"
+    store = Store(uri)
+    rec = store.write_bytes("a/b/c.bin", b"hello")
+    assert store.read_bytes("a/b/c.bin") == b"hello" and store.verify(rec)
+    table = store.write_table("t/x.parquet", pa.table({"v": [1, 2, 3]}))
+    assert table.rows == 3 and store.verify(table) and store.read_table("t/x.parquet").num_rows == 3
+    store.fs.pipe_file(store.path("a/b/c.bin"), b"HELLO")  # changed behind the store's back
+    assert not store.verify(rec)
+    assert store.sizes_of(["a/b/c.bin", "t/x.parquet", "t/missing"]) == {"a/b/c.bin": 5, "t/x.parquet": table.bytes}
+    if kind == "local":
+        leftovers = [f for _, _, files in os.walk(tmp_path) for f in files if ".tmp-" in f]
+        assert leftovers == []
+
+
+def test_parquet_row_count_is_validated(tmp_path):
+    store = Store(str(tmp_path))
+    rec = store.write_table("x.parquet", pa.table({"v": [1, 2]}))
+    assert not store.verify(rec.model_copy(update={"rows": 3}))
+
+
+def test_unwritable_store_is_a_clear_error(tmp_path):
+    ro = tmp_path / "readonly"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for uri in (str(blocker / "runs"),) + ((str(ro / "runs"),) if os.geteuid() != 0 else ()):
+        with pytest.raises(StoreError, match="cannot be written"):
+            Store(uri).check_writable()
+    with pytest.raises(StoreError):
+        Store("nosuchprotocol://x/y")
