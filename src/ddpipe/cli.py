@@ -108,20 +108,42 @@ def cmd_validate(args) -> int:
     return 0
 
 
-class _DropKnownTracebacks(logging.Filter):
-    """Prefect logs a failed task's traceback; for a DDPipeError the one-line message is the whole story."""
+def _error_names() -> tuple[str, ...]:
+    names, todo = [], [DDPipeError]
+    while todo:
+        cls = todo.pop()
+        names.append(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return tuple(names)
+
+
+class _DropKnownErrors(logging.Filter):
+    """Keep a DDPipeError to the CLI's one line: drop Prefect's console echo of it (the API logs keep it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.markers = tuple(f"exception {n}:" for n in _error_names()) + tuple(f"exception: {n}" for n in _error_names())
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, DDPipeError):
             return False
-        return True
+        message = record.getMessage()
+        return not any(m in message for m in self.markers)
 
 
 def _quiet_known_errors() -> None:
-    filt = _DropKnownTracebacks()
-    for name in ("prefect", "prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(filt)
+    """Attach the filter to Prefect's console handlers (call after Prefect has configured logging)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    filt = _DropKnownErrors()
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(filt)
 
 
 def main(argv: list[str] | None = None) -> int:

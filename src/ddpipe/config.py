@@ -242,6 +242,12 @@ class RunConfig(_Section):
             raise ValueError("dataset.mean and dataset.std must have the same length")
         if self.method.factor is not None and self.method.factor > self.image_size:
             raise ValueError("method.factor cannot exceed the image size")
+        need = self.factor**2 * self.method.ipc
+        if self.method.candidates_per_class < need:
+            raise ValueError(
+                f"method.candidates_per_class ({self.method.candidates_per_class}) must be at least factor^2 x ipc "
+                f"({need})"
+            )
         return self
 
     # Derived values: one place decides every default that depends on the dataset.

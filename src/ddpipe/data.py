@@ -131,7 +131,7 @@ class FolderSplit(Split):
                 im = im.convert("L" if self.channels == 1 else "RGB")
                 arr = np.asarray(im, dtype=np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"cannot read image file {path}: {e.__class__.__name__}: {e}") from None
+            raise DataError(f"cannot read image file {path} ({e.__class__.__name__})") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

@@ -104,10 +104,9 @@ class Store:
             if self.read_bytes(rel) != b"ok":
                 raise OSError("read back different bytes")
             self.fs.rm(self.path(rel))
-        except StoreError:
-            raise StoreError(f"store '{self.uri}' cannot be written (check the path, bucket and credentials)") from None
         except Exception as e:  # s3fs raises botocore/aiohttp errors too
-            raise StoreError(f"store '{self.uri}' cannot be written: {e.__class__.__name__}: {e}") from None
+            reason = str(e).split(": ", 1)[-1] if isinstance(e, StoreError) else f"{e.__class__.__name__}: {e}"
+            raise StoreError(f"store '{self.uri}' cannot be written: {reason}") from None
 
     # ---------------------------------------------------------------- reading
     def read_bytes(self, rel: str) -> bytes:

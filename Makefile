@@ -1,0 +1,29 @@
+# Two commands on a fresh machine (see README):
+#   make run    install everything (dependencies + Fashion-MNIST) and run the main job
+#   make test   install everything and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+CONFIG ?= configs/fashion-mnist-rded-ipc10.yaml
+BIN    := $(VENV)/bin
+
+.PHONY: run test install data clean
+
+run: install data
+	$(BIN)/ddpipe run $(CONFIG)
+
+test: install data
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+data:
+	scripts/install-data.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

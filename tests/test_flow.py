@@ -1,0 +1,65 @@
+"""The distill flow end to end under prefect_test_harness: outputs, artifacts, cache hits across flow runs."""
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from ddpipe.flows.distill import distill
+from ddpipe.pipeline import run_pipeline, run_store
+
+from conftest import smoke_config
+
+FAST = ("evaluation.epochs=5", "evaluation.seeds=[0]")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def task_runs(flow_run_id):
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_flow_runs_every_stage_and_a_new_flow_run_is_served_from_cache(harness, tmp_path):
+    cfg = smoke_config(tmp_path / "runs", *FAST)
+    first = distill(config=cfg.model_dump(mode="json"), return_state=True)
+    assert first.is_completed()
+    report = first.result()
+    assert set(report["regimes"]) == {"hard", "soft", "soft_kd"} and report["teacher"]["val_accuracy"] > 0.5
+
+    runs = task_runs(first.state_details.flow_run_id)
+    shard_runs = [r for r in runs if r.task_key.startswith("run_shard") or r.name.split(":")[0] in report["stages"]]
+    assert len(shard_runs) == 1 + 1 + 5 + 5 + 5 + 10 + 6  # dataset, teacher, 5+5+5 class groups, 2x5 labels, 6 evals
+    assert all(r.state.name == "Completed" for r in shard_runs)
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    kinds = {(a.type, a.key) for a in artifacts}
+    assert ("markdown", "ddpipe-results") in kinds
+    assert sum(1 for a in artifacts if a.type == "progress" and a.flow_run_id == first.state_details.flow_run_id) == 7
+
+    second = distill(config=cfg.model_dump(mode="json"), return_state=True)
+    assert second.result()["regimes"] == report["regimes"]
+    again = [r for r in task_runs(second.state_details.flow_run_id) if r.name.split(":")[0] in report["stages"]]
+    assert len(again) == len(shard_runs) and all(r.state.name == "Cached" for r in again)
+
+
+def test_flow_and_plain_runner_write_the_same_outputs(harness, tmp_path):
+    a = smoke_config(tmp_path / "flow", *FAST, "evaluation.regimes=[soft_kd]")
+    b = smoke_config(tmp_path / "plain", *FAST, "evaluation.regimes=[soft_kd]")
+    distill(config=a.model_dump(mode="json"))
+    run_pipeline(b)
+    sa, sb = run_store(a), run_store(b)
+    for stage in ("scoring", "synthesis", "labels", "evaluation"):
+        assert sa.read_bytes(f"manifests/{stage}.parquet") == sb.read_bytes(f"manifests/{stage}.parquet")
+
+
+def test_flow_accepts_a_config_path_and_overrides(harness, tmp_path):
+    from conftest import SMOKE
+
+    report = distill(config=str(SMOKE), overrides=[f"store.uri={tmp_path}", *FAST, "evaluation.regimes=[hard]"])
+    assert list(report["regimes"]) == ["hard"] and report["run_uri"].startswith(str(tmp_path))

@@ -1,0 +1,88 @@
+"""The smoke run against an S3 server on loopback (moto's server mode) through s3fs, then resumed from S3."""
+
+import json
+import os
+import socket
+
+import pytest
+
+from conftest import SMOKE, run_cli
+
+BUCKET = "ddpipe-test"
+FAST = ["--set", "evaluation.epochs=5", "--set", "evaluation.seeds=[0]"]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    import s3fs
+
+    s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}).mkdir(BUCKET)
+    yield endpoint, creds
+    server.stop()
+
+
+def bucket_fs(endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint},
+                             skip_instance_cache=True)
+
+
+def test_smoke_run_on_s3_then_resume(s3_endpoint, tmp_path):
+    endpoint, creds = s3_endpoint
+    env = {**creds, "AWS_ENDPOINT_URL": endpoint, "PREFECT_HOME": str(tmp_path / "prefect")}
+    store = f"s3://{BUCKET}/runs"
+    first = run_cli("run", str(SMOKE), "--store", store, "--no-progress", *FAST, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_uri = next(line.split(": ", 1)[1] for line in first.stdout.splitlines() if line.startswith("run folder:"))
+    assert run_uri.startswith(f"s3://{BUCKET}/runs/smoke-")
+
+    fs = bucket_fs(endpoint)
+    root = run_uri.removeprefix("s3://")
+    report = json.loads(fs.cat_file(f"{root}/report.json"))
+    assert report["regimes"]["soft_kd"]["distilled"]["mean"] > 0
+    assert len(fs.glob(f"{root}/distilled/images/*/*.png")) == 20
+    records = {p: fs.info(p)["LastModified"] for p in fs.glob(f"{root}/manifests/*/*.parquet")}
+    assert len(records) == 1 + 1 + 5 + 5 + 5 + 10 + 6
+
+    status = run_cli("status", run_uri, env=env)
+    assert status.returncode == 0 and "evaluation" in status.stdout and "6/6" in status.stdout
+
+    # Resume from S3 on a machine with no Prefect cache (fresh PREFECT_HOME): every shard validates and is kept.
+    env["PREFECT_HOME"] = str(tmp_path / "prefect2")
+    second = run_cli("run", str(SMOKE), "--store", store, "--no-progress", *FAST, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    fs = bucket_fs(endpoint)
+    assert {p: fs.info(p)["LastModified"] for p in fs.glob(f"{root}/manifests/*/*.parquet")} == records
+    assert json.loads(fs.cat_file(f"{root}/report.json"))["regimes"] == report["regimes"]
+
+
+def test_endpoint_from_the_config(s3_endpoint, tmp_path):
+    endpoint, creds = s3_endpoint
+    env = {**creds, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("AWS_ENDPOINT_URL", None)
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    proc = run_cli("run", str(SMOKE), "--store", f"s3://{BUCKET}/cfg-runs", "--engine", "plain", "--no-progress",
+                   "--set", f"store.storage_options={{client_kwargs: {{endpoint_url: '{endpoint}'}}}}",
+                   "--set", "evaluation.regimes=[hard]", *FAST, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert bucket_fs(endpoint).glob(f"{BUCKET}/cfg-runs/smoke-*/report.json")
+
+
+def test_missing_bucket_is_a_one_line_error(s3_endpoint, tmp_path):
+    endpoint, creds = s3_endpoint
+    env = {**creds, "AWS_ENDPOINT_URL": endpoint, "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = run_cli("run", str(SMOKE), "--store", "s3://no-such-bucket/runs", "--no-progress", env=env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "s3://no-such-bucket/runs" in lines[0] and "cannot be written" in lines[0]
