@@ -26,7 +26,7 @@ from ddpipe.errors import DDPipeError
 from ddpipe.manifests import ShardResult, StageManifest
 from ddpipe.pipeline import Shard, Stage, context_for
 from ddpipe.report import write_report
-from ddpipe.stages import stages_for
+from ddpipe.stages import dataset_classes, stages_for
 
 
 class RunRef(BaseModel):
@@ -98,7 +98,8 @@ def finalize_stage(ref: RunRef, stage: str, shards: list[Shard], results: list[S
 @task(name="plan-run", cache_policy=NO_CACHE)
 def plan_run(ref: RunRef, dataset: StageManifest) -> dict[str, list[Shard]]:
     """Split every stage into shards (needs the class count from the dataset stage)."""
-    return pipeline.make_plan(context_for(ref.config), stages_for(ref.config), dataset)
+    ctx = context_for(ref.config)
+    return pipeline.make_plan(ctx, stages_for(ref.config), len(dataset_classes(ctx.store, dataset)))
 
 
 @task(name="write-report", cache_policy=NO_CACHE)

@@ -6,7 +6,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 from ddpipe.flows.distill import distill
-from ddpipe.pipeline import run_pipeline, run_store
+from ddpipe.pipeline import run_store
+from ddpipe.runner import run_pipeline
 
 from conftest import smoke_config
 

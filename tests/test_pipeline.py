@@ -6,7 +6,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ddpipe.pipeline import run_pipeline, run_store, status
+from ddpipe.pipeline import run_store, status
+from ddpipe.runner import run_pipeline
 from ddpipe.stages import stages_for
 
 from conftest import smoke_config

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from ddpipe.pipeline import run_pipeline, run_store
+from ddpipe.pipeline import run_store
+from ddpipe.runner import run_pipeline
 
 from conftest import ROOT, SMOKE, smoke_config
 

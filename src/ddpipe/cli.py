@@ -57,8 +57,9 @@ def _load(args):
 
 def cmd_run(args) -> int:
     from ddpipe import progress
-    from ddpipe.pipeline import run_pipeline, run_store
+    from ddpipe.pipeline import run_store
     from ddpipe.report import results_table
+    from ddpipe.runner import run_pipeline
     from ddpipe.stages import preflight
 
     cfg = _load(args)

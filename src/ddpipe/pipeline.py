@@ -11,8 +11,8 @@ The cache key of a shard is :func:`shard_key`: the stage's config sections, the 
 content hashes of its input stage manifests, the code version, and for the dataset stage the data's
 fingerprint. The Prefect tasks use the very same key.
 
-:func:`run_pipeline` runs every stage in order with no orchestrator; the ``distill`` flow composes the
-same calls as Prefect tasks.
+:func:`ddpipe.runner.run_pipeline` runs every stage in order with no orchestrator; the ``distill`` flow
+composes the same calls as Prefect tasks.
 """
 
 from __future__ import annotations
@@ -197,11 +197,8 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_plan(ctx: Context, stages: list[Stage], dataset: StageManifest) -> dict[str, list[Shard]]:
-    """Plan every stage once the dataset stage has listed the classes; written to manifests/plan.parquet."""
-    from ddpipe.stages import dataset_classes
-
-    num_classes = len(dataset_classes(ctx.store, dataset))
+def make_plan(ctx: Context, stages: list[Stage], num_classes: int) -> dict[str, list[Shard]]:
+    """Split every stage into shards; written to manifests/plan.parquet (what ``status`` counts against)."""
     plan = {s.name: s.plan(ctx, num_classes) for s in stages}
     rows = [(stage, s.id, s.classes) for stage, shards in plan.items() for s in shards]
     ctx.store.write_table("manifests/plan.parquet", plan_table(rows), if_changed=True)
@@ -233,27 +230,6 @@ def run_stage(ctx: Context, stage: Stage, shards: list[Shard], manifests: dict[s
     manifest = finalize_stage(ctx, stage, shards, results)
     progress.emit("stage_finished", stage.name)
     return manifest
-
-
-def run_pipeline(cfg: RunConfig) -> dict:
-    """Run every stage in order as plain function calls (no orchestrator); returns the report."""
-    from ddpipe.report import write_report
-    from ddpipe.stages import stages_for
-
-    ctx = context_for(cfg)
-    stages = stages_for(cfg)
-    prepare(ctx)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    first = stages[0]
-    manifests = {first.name: run_stage(ctx, first, first.plan(ctx, 0), {})}
-    plan = make_plan(ctx, stages, manifests[first.name])
-    timings[first.name] = time.perf_counter() - start
-    for stage in stages[1:]:
-        start = time.perf_counter()
-        manifests[stage.name] = run_stage(ctx, stage, plan[stage.name], manifests)
-        timings[stage.name] = time.perf_counter() - start
-    return write_report(ctx, manifests, timings)
 
 
 def status(store: Store) -> list[dict]:

@@ -31,7 +31,7 @@ from ddpipe.data import resize_center
 from ddpipe.errors import CheckpointError, DataError, TeacherError
 from ddpipe.evaluate import ImageSet, evaluate
 from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
-from ddpipe.manifests import StageManifest
+from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import Context, Shard, Stage
 from ddpipe.rded import patches_needed, score_class, selected_rows, stitch_class
 from ddpipe.store import FileRecord, Store
@@ -119,7 +119,9 @@ def write_image_set_class(store: Store, set_name: str, c: int, images: torch.Ten
 
 
 def dataset_classes(store: Store, dataset: StageManifest) -> list[str]:
-    return store.read_table("dataset/classes.parquet").column("class_name").to_pylist()
+    """The class names, in class-index order, from the dataset stage's outputs."""
+    path = next(f.path for f in stage_files(store, dataset) if f.path.endswith("classes.parquet"))
+    return store.read_table(path).column("class_name").to_pylist()
 
 
 def teacher_of(ctx: Context, manifests: dict[str, StageManifest]) -> Teacher:
