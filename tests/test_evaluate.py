@@ -56,3 +56,18 @@ def test_summarize():
     s = summarize([0.5, 0.7])
     assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1414, abs=1e-3)
     assert summarize([0.4])["std"] == 0.0
+
+
+def test_stitched_images_train_on_their_regions(setup):
+    from ddpipe.augment import generator
+    from ddpipe.evaluate import sample_regions
+
+    cfg, source, teacher, data = setup
+    stitched = ImageSet(images=data.images, classes=data.classes, soft=data.soft.repeat(1, 5, 1),
+                        regions=regions(28, 2))
+    r = sample_regions(stitched, 1000, True, generator(0))
+    assert set(r.tolist()) == {1, 2, 3, 4}  # grid cells only (RDED Eq. 10), never the whole mosaic
+    assert set(sample_regions(stitched, 100, False, generator(0)).tolist()) == {0}
+    assert set(sample_regions(data, 100, True, generator(0)).tolist()) == {0}  # factor 1: the image itself
+    result = evaluate(cfg, "soft", stitched, source, 0, CPU)
+    assert result["top1"] > 0.2

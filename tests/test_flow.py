@@ -26,7 +26,7 @@ def task_runs(flow_run_id):
 
 
 def test_flow_runs_every_stage_and_a_new_flow_run_is_served_from_cache(harness, tmp_path):
-    cfg = smoke_config(tmp_path / "runs", *FAST)
+    cfg = smoke_config(tmp_path / "runs")  # the smoke preset as it is
     first = distill(config=cfg.model_dump(mode="json"), return_state=True)
     assert first.is_completed()
     report = first.result()
@@ -34,7 +34,7 @@ def test_flow_runs_every_stage_and_a_new_flow_run_is_served_from_cache(harness, 
 
     runs = task_runs(first.state_details.flow_run_id)
     shard_runs = [r for r in runs if r.task_key.startswith("run_shard") or r.name.split(":")[0] in report["stages"]]
-    assert len(shard_runs) == 1 + 1 + 5 + 5 + 5 + 10 + 6  # dataset, teacher, 5+5+5 class groups, 2x5 labels, 6 evals
+    assert len(shard_runs) == 1 + 1 + 5 + 5 + 5 + 10 + 12  # dataset, teacher, 3x5 class groups, 2x5 labels, 12 evals
     assert all(r.state.name == "Completed" for r in shard_runs)
 
     with get_client(sync_client=True) as client:

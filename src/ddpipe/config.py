@@ -145,6 +145,10 @@ class MethodConfig(_Section):
     crop_scale: tuple[float, float] = Field(
         (0.08, 1.0), description="Area range of the scored random-resized crops (square crops, as the reference code)."
     )
+    patch_view: Literal["pad", "resize"] = Field(
+        "pad", description="How the teacher sees a patch smaller than its input when scoring: pad (zero-padded, "
+        "centred, as the reference code) or resize (upsampled to the input size)."
+    )
     batch_size: int = Field(512, ge=1, description="Teacher batch size while scoring crops.")
 
 
@@ -183,6 +187,10 @@ class EvaluationConfig(_Section):
         default_factory=lambda: AugmentConfig(crop_scale=(0.5, 1.0), flip=True, cutmix=1.0),
         description="Augmentation of every student batch (labels are mixed with CutMix).",
     )
+    region_views: bool = Field(
+        True, description="For stitched images (factor > 1) each training sample shows one of its regions, resized "
+        "to the input size, with that region's label (RDED Eq. 10); false shows whole stitched images."
+    )
     temperature_squared: bool = Field(
         True, description="Multiply the KL loss by T^2 (Hinton et al.); the RDED reference code does not."
     )
@@ -213,6 +221,10 @@ class RuntimeConfig(_Section):
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     amp: bool = Field(False, description="Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.")
     channels_last: bool = Field(False, description="Use the channels_last memory format for the networks.")
+    compile: bool = Field(
+        False, description="torch.compile the networks that train and the teacher in online KD (needs a C++ "
+        "compiler on CPU; falls back to eager on errors)."
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     loader_workers: int = Field(0, ge=0, description="Worker processes decoding image-folder files.")
 

@@ -3,12 +3,13 @@
 Three label regimes (Dey et al. 2026, "Hard truths about soft labels"):
 
 - ``hard``: cross-entropy on the images' class labels;
-- ``soft``: KL divergence to the stored soft labels (temperature T); for stitched images each sample
-  shows one of its labelled regions (or the whole image) with that region's label;
+- ``soft``: KL divergence to the stored soft labels (temperature T);
 - ``soft_kd``: KL divergence to the teacher's output on every augmented view, computed online
   (the RDED / SRe2L evaluation).
 
-Every batch is augmented by :class:`~ddpipe.augment.Augmenter` (crop, flip, CutMix; labels mixed by
+For stitched images (factor > 1) each sample shows one of its regions resized to the input size, with
+that region's stored label (RDED Eq. 10), unless ``evaluation.region_views`` is off. Every batch is then
+augmented by :class:`~ddpipe.augment.Augmenter` (crop, flip, CutMix; labels mixed by
 area). A set's accuracy is taken at the final step; the same recipe and step count are used for the
 distilled set and for the random subset it is compared with.
 """
@@ -28,7 +29,7 @@ from ddpipe.augment import Augmenter, crop_resize, generator, seed_for
 from ddpipe.config import RunConfig
 from ddpipe.data import DataSource, normalize
 from ddpipe.models import init_model
-from ddpipe.train import Fitter, accuracy, autocast, batch_to, to_device
+from ddpipe.train import Fitter, accuracy, autocast, batch_to, maybe_compile, to_device
 
 REGIMES = ("hard", "soft", "soft_kd")
 
@@ -53,6 +54,15 @@ def student_batch_size(cfg: RunConfig, n: int) -> int:
     return min(n, 10 if ipc == 1 else 50 if ipc <= 10 else 100)
 
 
+def sample_regions(data: ImageSet, n: int, region_views: bool, gen: torch.Generator) -> torch.Tensor:
+    """Which region each of ``n`` samples shows: 0 (the whole image) unless the images are stitched and
+    ``region_views`` is on, then one grid cell (1..f^2) uniformly at random."""
+    cells = len(data.regions) - 1 if data.regions else 0
+    if cells <= 0 or not region_views:
+        return torch.zeros(n, dtype=torch.int64)
+    return torch.randint(1, cells + 1, (n,), generator=gen)
+
+
 def kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     t = cfg.labels.temperature
     loss = F.kl_div(F.log_softmax(student_logits / t, dim=1), target_probs, reduction="batchmean")
@@ -72,6 +82,9 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
     mean, std = cfg.normalization
     student = init_model(ev.model, cfg.channels, num_classes, cfg.image_size, seed_for(cfg.seed, "student", seed))
     student = to_device(student, device, cfg.runtime).train()
+    net = maybe_compile(student, cfg.runtime)
+    if teacher is not None:
+        teacher = maybe_compile(teacher, cfg.runtime)
     gen = generator(cfg.seed, "student", regime, seed)
     aug = Augmenter(ev.augment, gen)
     n = len(data)
@@ -86,18 +99,15 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
         for s in range(0, n, bs):
             idx = order[s : s + bs]
             x = data.images[idx].float()
-            target = None
-            if regime == "soft":
-                r = torch.randint(len(data.regions), (len(idx),), generator=gen)
-                if len(data.regions) > 1:  # show each sample's chosen region at full size
-                    boxes = torch.tensor(data.regions)[r]
-                    x = crop_resize(x, boxes, size)
-                target = data.soft[idx, r]
+            r = sample_regions(data, len(idx), ev.region_views, gen)
+            if bool((r > 0).any()):  # show each sample's region at full size
+                x = crop_resize(x, torch.tensor(data.regions)[r], size)
+            target = data.soft[idx, r] if regime == "soft" else None
             x = batch_to(aug.views(normalize(x / 255.0, mean, std)), device, cfg.runtime)
             x, perm, lam = aug.cutmix(x)
             perm = perm.to(device)
             with autocast(device, cfg.runtime):
-                logits = student(x).float()
+                logits = net(x).float()
                 if regime == "soft_kd":
                     with torch.no_grad():
                         target = F.softmax(teacher(x).float() / cfg.labels.temperature, dim=1)

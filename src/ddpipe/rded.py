@@ -3,8 +3,8 @@
 Stage 1, :func:`score_class`: draw ``candidates_per_class`` images of the class at random (|T'_c|), cut
 ``crops_per_image`` square random-resized crops (K) from each at native resolution, resize each to the
 patch size (image_size / factor), and score it with the teacher: realism score = -CE(teacher(crop), class).
-As in the reference code, a patch smaller than the input is zero-padded (in normalised space) to the
-input size before scoring. Each image keeps its best crop; images are ranked by that score and the top
+A patch smaller than the input is zero-padded (in normalised space) to the input size before scoring, as
+in the reference code, or upsampled to it (``method.patch_view``). Each image keeps its best crop; images are ranked by that score and the top
 ``factor^2 x ipc`` are selected.
 
 Stage 2, :func:`stitch_class`: distilled image j of a class holds, in grid cell k (row-major), the
@@ -72,13 +72,18 @@ def cut_images(images: list[torch.Tensor], image_index: torch.Tensor, boxes: tor
 
 
 def scoring_inputs(patches: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """Normalised teacher inputs for uint8 patches: zero-padded, centred, to the input size."""
+    """Normalised teacher inputs for uint8 patches smaller than the input: zero-padded and centred
+    (``method.patch_view: pad``, the reference code) or upsampled (``resize``) to the input size."""
     mean, std = cfg.normalization
+    size = cfg.image_size
+    if patches.shape[-1] == size:
+        return normalize(patches, mean, std)
+    if cfg.method.patch_view == "resize":
+        return normalize(F.interpolate(patches.float(), size=(size, size), mode="bilinear", align_corners=False) / 255.0,
+                         mean, std)
     x = normalize(patches, mean, std)
-    pad = cfg.image_size - x.shape[-1]
-    if pad > 0:
-        x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
-    return x
+    pad = size - x.shape[-1]
+    return F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
 
 
 @torch.no_grad()

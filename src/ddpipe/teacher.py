@@ -23,7 +23,7 @@ from ddpipe.config import ModelSpec, RunConfig
 from ddpipe.data import DataSource, normalize
 from ddpipe.errors import CheckpointError, ClassMapMismatchError
 from ddpipe.models import build_model, init_model
-from ddpipe.train import Fitter, accuracy, autocast, batch_to, to_device
+from ddpipe.train import Fitter, accuracy, autocast, batch_to, maybe_compile, to_device
 
 CHECKPOINT_FORMAT = "ddpipe-teacher/1"
 
@@ -54,6 +54,7 @@ def train_teacher(cfg: RunConfig, source: DataSource, device: torch.device,
     total = max(1, round(t.epochs * steps_per_epoch))
     fitter = Fitter(model, t.optim, total)
     model.train()
+    net = maybe_compile(model, cfg.runtime)
     step = 0
     while step < total:
         order = torch.randperm(len(split), generator=gen).numpy()
@@ -62,7 +63,7 @@ def train_teacher(cfg: RunConfig, source: DataSource, device: torch.device,
             y = labels.to(device)
             x, perm, lam = aug.cutmix(x)
             with autocast(device, cfg.runtime):
-                logits = model(x).float()
+                logits = net(x).float()
             loss = lam * F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
             if lam < 1.0:
                 loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm.to(device)], label_smoothing=t.label_smoothing)

@@ -36,6 +36,19 @@ def to_device(model: nn.Module, device: torch.device, runtime: RuntimeConfig) ->
     return model
 
 
+def maybe_compile(model: nn.Module, runtime: RuntimeConfig) -> nn.Module:
+    """``torch.compile(model)`` when ``runtime.compile`` (eager fallback on compiler errors); else the model."""
+    if not runtime.compile:
+        return model
+    import logging
+
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on CPU hosts
+    return torch.compile(model)
+
+
 def batch_to(x: torch.Tensor, device: torch.device, runtime: RuntimeConfig) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     if runtime.channels_last and x.dim() == 4:
