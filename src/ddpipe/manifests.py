@@ -15,8 +15,11 @@ Tasks exchange :class:`ShardResult` and :class:`StageManifest` (paths, hashes, c
 
 from __future__ import annotations
 
+import io
+
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from ddpipe.store import FileRecord, Store
@@ -96,13 +99,11 @@ def files_of(table: pa.Table) -> list[FileRecord]:
     return [FileRecord(path=r["path"], sha256=r["sha256"], bytes=r["bytes"], rows=r["rows"]) for r in table.to_pylist()]
 
 
-def read_record(store: Store, stage: str, shard: str) -> pa.Table | None:
-    rel = record_path(stage, shard)
-    if not store.exists(rel):
-        return None
+def parse_record(data: bytes) -> pa.Table | None:
+    """A shard record's table, or None if the bytes are torn or not a record."""
     try:
-        table = store.read_table(rel)
-    except Exception:  # a torn or foreign file counts as absent
+        table = pq.read_table(io.BytesIO(data))
+    except Exception:
         return None
     return table if table.schema.equals(RECORD_SCHEMA) else None
 
@@ -115,14 +116,13 @@ def shard_result(stage: str, shard: str, key: str, record: FileRecord, table: pa
     )
 
 
-def write_stage_manifest(store: Store, stage: str, results: list[ShardResult]) -> StageManifest:
-    """Concatenate the shard records (in the given shard order) into the stage manifest."""
-    tables = [store.read_table(r.record) for r in results]
-    table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+def write_stage_manifest(store: Store, stage: str, records: list[pa.Table]) -> StageManifest:
+    """Concatenate the shard records (in shard order) into the stage manifest."""
+    table = pa.concat_tables(records) if records else RECORD_SCHEMA.empty_table()
     rec = store.write_table(stage_path(stage), table, if_changed=True)
     files = files_of(table)
     return StageManifest(
-        stage=stage, path=rec.path, sha256=rec.sha256, shards=len(results), files=len(files),
+        stage=stage, path=rec.path, sha256=rec.sha256, shards=len(records), files=len(files),
         bytes=sum(f.bytes for f in files), rows=sum(f.rows or 0 for f in files),
     )
 

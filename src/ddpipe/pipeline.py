@@ -33,10 +33,10 @@ from ddpipe import progress
 from ddpipe.config import RunConfig
 from ddpipe.errors import ValidationError
 from ddpipe.manifests import (
-    ShardResult, StageManifest, files_of, plan_table, read_record, record_path, records_table, shard_result,
+    ShardResult, StageManifest, files_of, parse_record, plan_table, record_path, records_table, shard_result,
     stage_path, write_stage_manifest,
 )
-from ddpipe.store import FileRecord, Store
+from ddpipe.store import FileRecord, Store, sha256_bytes
 
 
 def _code_version() -> str:
@@ -116,8 +116,6 @@ class Context:
 
 
 _contexts: dict[str, Context] = {}
-
-
 _contexts_lock = threading.Lock()
 
 
@@ -144,6 +142,10 @@ def shard_key(ctx: Context, stage: Stage, shard: Shard, inputs: dict[str, StageM
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _read(store: Store, rel: str) -> bytes | None:
+    return store.read_bytes(rel) if store.exists(rel) else None
+
+
 def _valid(store: Store, table, key: str) -> bool:
     if table is None or table.num_rows == 0 or set(table["key"].to_pylist()) != {key}:
         return False
@@ -155,9 +157,10 @@ def run_shard(ctx: Context, stage: Stage, shard: Shard, inputs: dict[str, StageM
     store = ctx.store
     key = shard_key(ctx, stage, shard, inputs)
     rel = record_path(stage.name, shard.id)
-    table = read_record(store, stage.name, shard.id)
+    data = _read(store, rel)
+    table = parse_record(data) if data is not None else None
     if _valid(store, table, key):
-        record = FileRecord(path=rel, sha256=_sha(store.read_bytes(rel)), bytes=0)
+        record = FileRecord(path=rel, sha256=sha256_bytes(data), bytes=len(data))
         return shard_result(stage.name, shard.id, key, record, table, reused=True)
     # Whatever was there no longer counts as done.
     store.remove(rel)
@@ -180,21 +183,18 @@ def finalize_stage(ctx: Context, stage: Stage, shards: list[Shard], results: lis
     missing = [s.id for s in shards if s.id not in done]
     if missing:
         raise ValidationError(f"stage {stage.name}: shard {missing[0]} is not done")
-    ordered = [done[s.id] for s in shards]
-    files = []
-    for r in ordered:
-        if _sha(store.read_bytes(r.record)) != r.sha256:
-            raise ValidationError(f"stage {stage.name}: record of shard {r.shard} changed since it was written")
-        files.extend(files_of(store.read_table(r.record)))
+    records = []
+    for s in shards:
+        data = _read(store, done[s.id].record)
+        if data is None or sha256_bytes(data) != done[s.id].sha256:
+            raise ValidationError(f"stage {stage.name}: record of shard {s.id} is missing or changed")
+        records.append(parse_record(data))
+    files = [f for table in records for f in files_of(table)]
     sizes = store.sizes_of([f.path for f in files])
     for f in files:
         if sizes.get(f.path) != f.bytes:
             raise ValidationError(f"stage {stage.name}: output {store.url(f.path)} is missing or changed")
-    return write_stage_manifest(store, stage.name, ordered)
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return write_stage_manifest(store, stage.name, records)
 
 
 def make_plan(ctx: Context, stages: list[Stage], num_classes: int) -> dict[str, list[Shard]]:
