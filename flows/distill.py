@@ -22,7 +22,7 @@ from ddpipe.config import RunConfig, build_config, load_config
 from ddpipe.manifests import StageManifest
 from ddpipe.pipeline import Shard, Stage, context_for
 from ddpipe.report import results_table
-from ddpipe.stages import stages_for
+from ddpipe.methods import stages_for
 from ddpipe.tasks.pipeline import RunRef, finalize_stage, plan_run, prepare_run, report, run_shard
 
 

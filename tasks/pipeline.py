@@ -26,7 +26,8 @@ from ddpipe.errors import DDPipeError
 from ddpipe.manifests import ShardResult, StageManifest
 from ddpipe.pipeline import Shard, Stage, context_for
 from ddpipe.report import write_report
-from ddpipe.stages import dataset_classes, stages_for
+from ddpipe.methods import stages_for
+from ddpipe.stages import dataset_classes
 
 
 class RunRef(BaseModel):

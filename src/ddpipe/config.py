@@ -285,6 +285,11 @@ class RunConfig(_Section):
     def factor(self) -> int:
         return self.method.factor or (1 if self.image_size <= 64 else 2)
 
+    @property
+    def images_needed_per_class(self) -> int:
+        """Training images every class must have: RDED takes factor^2 x ipc distinct source images."""
+        return max(self.factor**2 * self.method.ipc, self.method.ipc)
+
     def hash(self) -> str:
         """Hash of everything that changes the results (all sections but store, orchestration, runtime)."""
         data = self.model_dump(mode="json", exclude=set(NON_RESULT_SECTIONS))

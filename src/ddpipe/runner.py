@@ -12,7 +12,8 @@ from ddpipe.config import RunConfig
 from ddpipe.manifests import StageManifest
 from ddpipe.pipeline import context_for, make_plan, prepare, run_stage
 from ddpipe.report import write_report
-from ddpipe.stages import dataset_classes, stages_for
+from ddpipe.methods import stages_for
+from ddpipe.stages import dataset_classes
 
 
 def run_pipeline(cfg: RunConfig) -> dict:

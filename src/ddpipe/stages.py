@@ -1,4 +1,6 @@
-"""The stages of an RDED run and what each writes into the run folder.
+"""The stages every run shares, and what each writes into the run folder.
+
+The method's own stages (for RDED ``scoring`` and ``synthesis``) are in :mod:`ddpipe.methods`.
 
 =============  ======================  =====================================================================
 stage          shards                  outputs (relative to the run folder)
@@ -33,7 +35,6 @@ from ddpipe.evaluate import ImageSet, evaluate
 from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import Context, Shard, Stage
-from ddpipe.rded import patches_needed, score_class, selected_rows, stitch_class
 from ddpipe.store import FileRecord, Store
 from ddpipe.teacher import Teacher, check_class_map, checkpoint_bytes, load_teacher, measure, read_checkpoint, train_teacher
 
@@ -149,7 +150,7 @@ def class_groups(ctx: Context, num_classes: int) -> list[Shard]:
 
 def check_class_sizes(cfg, src) -> None:
     """Every class must have enough training images for the method; the test split must not be empty."""
-    need = max(patches_needed(cfg), cfg.method.ipc)
+    need = cfg.images_needed_per_class
     for c, n in enumerate(src.train.class_counts()):
         if n < need:
             raise DataError(
@@ -222,26 +223,7 @@ def check_teacher_checkpoint(cfg, classes: list[str]) -> None:
         check_class_map(payload["classes"], classes, cfg.teacher.checkpoint)
 
 
-# ---------------------------------------------------------------- RDED stages
-
-
-def run_scoring(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
-    teacher = teacher_of(ctx, inputs)
-    files = []
-    for k, c in enumerate(shard.classes):
-        table = score_class(teacher, ctx.source.train, c, ctx.cfg, generator(ctx.cfg.seed, "scoring", c), ctx.device)
-        files.append(ctx.store.write_table(f"scoring/class={c:05d}.parquet", table))
-        progress.emit("step", "scoring", shard.id, k + 1, len(shard.classes))
-    return files
-
-
-def run_synthesis(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
-    files = []
-    for c in shard.classes:
-        rows = selected_rows(ctx.store.read_table(f"scoring/class={c:05d}.parquet"), ctx.cfg)
-        images, provenance = stitch_class(ctx.source.train, rows, ctx.cfg)
-        files += write_image_set_class(ctx.store, "distilled", c, images, provenance)
-    return files
+# ---------------------------------------------------------------- random subset, labels, evaluation
 
 
 def run_random_subset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
@@ -334,7 +316,7 @@ def preflight(cfg) -> None:
     check_teacher_checkpoint(cfg, ctx.source.classes)
 
 
-# ---------------------------------------------------------------- the stage list
+# ---------------------------------------------------------------- the shared stages
 
 
 def _one(name: str):
@@ -355,23 +337,18 @@ def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
     ]
 
 
-def stages_for(cfg) -> list[Stage]:
-    """The stages of a run, in order. The first stage always describes the dataset."""
-    return [
-        Stage("dataset", (), ("dataset", "method"), _one("dataset"), run_dataset,
-              fingerprint=lambda ctx: ctx.source.fingerprint,
-              doc="list classes, count images, fingerprint the data"),
-        Stage("teacher", ("dataset",), ("dataset", "teacher"), _one("teacher"), run_teacher,
-              doc="train (or load) and measure the teacher"),
-        Stage("scoring", ("dataset", "teacher"), ("dataset", "method"), class_groups, run_scoring,
-              doc="RDED stage 1: score crops, select the top factor^2 x ipc per class"),
-        Stage("synthesis", ("dataset", "scoring"), ("dataset", "method"), class_groups, run_synthesis,
-              doc="RDED stage 2: stitch the selected patches into images"),
-        Stage("random_subset", ("dataset",), ("dataset", "method"), class_groups, run_random_subset,
-              doc="draw the random-subset baseline"),
-        Stage("labels", ("dataset", "teacher", "synthesis", "random_subset"), ("dataset", "method", "labels"),
-              _label_shards, run_labels, doc="region-level soft labels from the teacher"),
-        Stage("evaluation", ("dataset", "teacher", "synthesis", "random_subset", "labels"),
-              ("dataset", "method", "labels", "evaluation"), _eval_shards, run_evaluation,
-              doc="train students under every regime and measure test accuracy"),
-    ]
+# Every method's run starts with DATASET and TEACHER, then its own stages, the last of which is named
+# "synthesis" and writes the distilled set (distilled/images, distilled/provenance); then the baseline,
+# the labels and the evaluation, which are the same for every method (see ddpipe.methods).
+DATASET = Stage("dataset", (), ("dataset", "method"), _one("dataset"), run_dataset,
+                fingerprint=lambda ctx: ctx.source.fingerprint,
+                doc="list classes, count images, fingerprint the data")
+TEACHER = Stage("teacher", ("dataset",), ("dataset", "teacher"), _one("teacher"), run_teacher,
+                doc="train (or load) and measure the teacher")
+RANDOM_SUBSET = Stage("random_subset", ("dataset",), ("dataset", "method"), class_groups, run_random_subset,
+                      doc="draw the random-subset baseline")
+LABELS = Stage("labels", ("dataset", "teacher", "synthesis", "random_subset"), ("dataset", "method", "labels"),
+               _label_shards, run_labels, doc="soft labels from the teacher for every region of both sets")
+EVALUATION = Stage("evaluation", ("dataset", "teacher", "synthesis", "random_subset", "labels"),
+                   ("dataset", "method", "labels", "evaluation"), _eval_shards, run_evaluation,
+                   doc="train students under every regime and measure test accuracy")
