@@ -115,7 +115,15 @@ def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator):
     candidates = pool[torch.randperm(len(pool), generator=gen)[: m.candidates_per_class].numpy()]
     images = [split.image(int(i)) for i in candidates]
     k = m.crops_per_image
-    boxes = torch.cat([sample_boxes(k, *im.shape[1:], gen, scale=m.crop_scale, ratio=(1.0, 1.0)) for im in images])
+    # One draw per image size (a single one for fixed-size data), in order of first appearance: per-image draws
+    # cost as much as the teacher's forward pass on small images.
+    boxes = torch.empty(len(images) * k, 4, dtype=torch.int64)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(tuple(im.shape[1:]), []).append(i)
+    for (h, w), members in by_shape.items():
+        rows = (torch.tensor(members)[:, None] * k + torch.arange(k)).flatten()
+        boxes[rows] = sample_boxes(len(rows), h, w, gen, scale=m.crop_scale, ratio=(1.0, 1.0))
     return candidates, images, boxes
 
 
