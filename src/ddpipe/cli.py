@@ -4,9 +4,9 @@
     ddpipe status RUN
     ddpipe validate CONFIG [--set key=value ...]
 
-``run`` runs the ``distill`` flow (Prefect; a temporary local server unless PREFECT_API_URL is set), or the
-same stages as plain function calls with ``--engine plain``, and prints the run folder and a results
-table. Re-running the same command resumes. A bad input ends with one line ``ddpipe: error: ...`` on
+``run`` runs the ``distill`` flow (Prefect, through :mod:`ddpipe.flows.command`; a temporary local server
+unless PREFECT_API_URL is set), or the same stages as plain function calls with ``--engine plain``, and
+prints the run folder and a results table. Re-running the same command resumes. A bad input ends with one line ``ddpipe: error: ...`` on
 stderr and exit status 2.
 """
 
@@ -14,18 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 
 from ddpipe.errors import DDPipeError
-
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-}
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpipe", description="Dataset distillation as resumable pipelines.")
@@ -72,12 +63,9 @@ def cmd_run(args) -> int:
         if args.engine == "plain":
             report = run_pipeline(cfg)
         else:
-            for k, v in PREFECT_DEFAULTS.items():
-                os.environ.setdefault(k, v)
-            from ddpipe.flows.distill import distill
+            from ddpipe.flows.command import run_flow
 
-            _quiet_known_errors()
-            report = distill(config=cfg.model_dump(mode="json"))
+            report = run_flow(cfg)
     finally:
         if sink:
             progress.remove_sink(sink)
@@ -107,44 +95,6 @@ def cmd_validate(args) -> int:
     cfg = _load(args)
     print(f"ok: {args.config} -> run folder {cfg.run_name}")
     return 0
-
-
-def _error_names() -> tuple[str, ...]:
-    names, todo = [], [DDPipeError]
-    while todo:
-        cls = todo.pop()
-        names.append(cls.__name__)
-        todo.extend(cls.__subclasses__())
-    return tuple(names)
-
-
-class _DropKnownErrors(logging.Filter):
-    """Keep a DDPipeError to the CLI's one line: drop Prefect's console echo of it (the API logs keep it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.markers = tuple(f"exception {n}:" for n in _error_names()) + tuple(f"exception: {n}" for n in _error_names())
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, DDPipeError):
-            return False
-        message = record.getMessage()
-        return not any(m in message for m in self.markers)
-
-
-def _quiet_known_errors() -> None:
-    """Attach the filter to Prefect's console handlers (call after Prefect has configured logging)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    filt = _DropKnownErrors()
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    for lg in loggers:
-        for handler in lg.handlers:
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(filt)
 
 
 def main(argv: list[str] | None = None) -> int:

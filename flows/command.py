@@ -1,0 +1,68 @@
+"""How ``ddpipe run`` (the default Prefect engine) runs the ``distill`` flow from the command line.
+
+The command line lives in :mod:`ddpipe.cli`, which has no Prefect import; this module holds what only the
+Prefect engine needs: quiet defaults for a temporary local server, and a log filter that keeps a
+:class:`~ddpipe.errors.DDPipeError` to the CLI's one line (Prefect would echo it with a traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ddpipe.config import RunConfig
+from ddpipe.errors import DDPipeError
+
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+}
+
+
+def run_flow(cfg: RunConfig) -> dict:
+    """Run the distill flow for ``cfg`` (a temporary local server unless PREFECT_API_URL is set); its report."""
+    for k, v in PREFECT_DEFAULTS.items():  # before Prefect reads its settings
+        os.environ.setdefault(k, v)
+    from ddpipe.flows.distill import distill
+
+    _quiet_known_errors()
+    return distill(config=cfg.model_dump(mode="json"))
+
+
+def _error_names() -> tuple[str, ...]:
+    names, todo = [], [DDPipeError]
+    while todo:
+        cls = todo.pop()
+        names.append(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return tuple(names)
+
+
+class _DropKnownErrors(logging.Filter):
+    """Keep a DDPipeError to the CLI's one line: drop Prefect's console echo of it (the API logs keep it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.markers = tuple(f"exception {n}:" for n in _error_names()) + tuple(f"exception: {n}" for n in _error_names())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DDPipeError):
+            return False
+        message = record.getMessage()
+        return not any(m in message for m in self.markers)
+
+
+def _quiet_known_errors() -> None:
+    """Attach the filter to Prefect's console handlers (call after Prefect has configured logging)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    filt = _DropKnownErrors()
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(filt)
