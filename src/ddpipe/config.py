@@ -254,7 +254,7 @@ class RunConfig(_Section):
             raise ValueError("dataset.mean and dataset.std must have the same length")
         if self.method.factor is not None and self.method.factor > self.image_size:
             raise ValueError("method.factor cannot exceed the image size")
-        need = self.factor**2 * self.method.ipc
+        need = self.patches_per_class
         if self.method.candidates_per_class < need:
             raise ValueError(
                 f"method.candidates_per_class ({self.method.candidates_per_class}) must be at least factor^2 x ipc "
@@ -286,9 +286,10 @@ class RunConfig(_Section):
         return self.method.factor or (1 if self.image_size <= 64 else 2)
 
     @property
-    def images_needed_per_class(self) -> int:
-        """Training images every class must have: RDED takes factor^2 x ipc distinct source images."""
-        return max(self.factor**2 * self.method.ipc, self.method.ipc)
+    def patches_per_class(self) -> int:
+        """Patches RDED selects per class, factor^2 x ipc, each cut from a distinct source image: also the
+        training images every class must have (the random subset's ipc images are no more)."""
+        return self.factor**2 * self.method.ipc
 
     def hash(self) -> str:
         """Hash of everything that changes the results (all sections but store, orchestration, runtime)."""

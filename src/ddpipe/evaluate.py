@@ -93,6 +93,7 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
     total = ev.epochs * steps_per_epoch
     fitter = Fitter(student, ev.optim, total)
     size = data.images.shape[-1]
+    region_boxes = torch.tensor(data.regions) if data.regions else None
     step = 0
     for _ in range(ev.epochs):
         order = torch.randperm(n, generator=gen)
@@ -101,7 +102,7 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
             x = data.images[idx].float()
             r = sample_regions(data, len(idx), ev.region_views, gen)
             if bool((r > 0).any()):  # show each sample's region at full size
-                x = crop_resize(x, torch.tensor(data.regions)[r], size)
+                x = crop_resize(x, region_boxes[r], size)
             target = data.soft[idx, r] if regime == "soft" else None
             x = batch_to(aug.views(normalize(x / 255.0, mean, std)), device, cfg.runtime)
             x, perm, lam = aug.cutmix(x)

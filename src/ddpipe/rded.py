@@ -44,10 +44,6 @@ SCORES_SCHEMA = pa.schema(
 )
 
 
-def patches_needed(cfg: RunConfig) -> int:
-    return cfg.factor**2 * cfg.method.ipc
-
-
 def cell_boxes(size: int, factor: int) -> list[tuple[int, int, int, int]]:
     """Grid cells ``(top, left, h, w)`` of a ``size`` square image, row-major."""
     edges = [round(i * size / factor) for i in range(factor + 1)]
@@ -107,7 +103,7 @@ def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator):
     """
     m = cfg.method
     pool = split.class_indices(c)
-    need = patches_needed(cfg)
+    need = cfg.patches_per_class
     if len(pool) < need:
         raise DataError(
             f"class {c} has {len(pool)} training images, fewer than factor^2 x ipc = {need} (method.ipc={m.ipc})"
@@ -151,7 +147,7 @@ def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: tor
         "loss": best_loss.numpy().astype(np.float32),
         "score": (-best_loss).numpy().astype(np.float32),
         "rank": rank,
-        "selected": rank < patches_needed(cfg),
+        "selected": rank < cfg.patches_per_class,
     }
     return pa.table(cols, schema=SCORES_SCHEMA).take(pa.array(rank_order))
 
@@ -159,8 +155,8 @@ def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: tor
 def selected_rows(scores: pa.Table, cfg: RunConfig) -> list[dict]:
     """The selected rows of a class's score table, by rank; checks that there are factor^2 x ipc of them."""
     rows = sorted((r for r in scores.to_pylist() if r["selected"]), key=lambda r: r["rank"])
-    if len(rows) != patches_needed(cfg):
-        raise DataError(f"score table has {len(rows)} selected patches, expected {patches_needed(cfg)}")
+    if len(rows) != cfg.patches_per_class:
+        raise DataError(f"score table has {len(rows)} selected patches, expected {cfg.patches_per_class}")
     return rows
 
 

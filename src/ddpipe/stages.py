@@ -150,7 +150,7 @@ def class_groups(ctx: Context, num_classes: int) -> list[Shard]:
 
 def check_class_sizes(cfg, src) -> None:
     """Every class must have enough training images for the method; the test split must not be empty."""
-    need = cfg.images_needed_per_class
+    need = cfg.patches_per_class
     for c, n in enumerate(src.train.class_counts()):
         if n < need:
             raise DataError(
