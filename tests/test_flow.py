@@ -64,7 +64,8 @@ def test_flow_runs_every_stage_and_a_new_flow_run_is_served_from_cache(harness, 
 
 
 def test_flow_and_plain_runner_write_the_same_outputs(harness, tmp_path):
-    a = smoke_config(tmp_path / "flow", *FAST, "evaluation.regimes=[soft_kd]")
+    # two shards at once in task-runner threads (the default, one at a time in the flow's thread, is tested above)
+    a = smoke_config(tmp_path / "flow", *FAST, "evaluation.regimes=[soft_kd]", "orchestration.max_workers=2")
     b = smoke_config(tmp_path / "plain", *FAST, "evaluation.regimes=[soft_kd]")
     distill(config=a.model_dump(mode="json"))
     run_pipeline(b)

@@ -212,7 +212,7 @@ class OrchestrationConfig(_Section):
     """How the work is split and run; never changes the results."""
 
     classes_per_shard: int = Field(5, ge=1, description="Classes per shard of the per-class stages.")
-    max_workers: int = Field(1, ge=1, description="Shards run at once by the flow's thread task runner.")
+    max_workers: int = Field(1, ge=1, description="Shards run at once. 1 runs them in the flow's own thread; more uses task-runner threads (on CPU each thread brings its own torch thread pool, so keep 1 unless the work is I/O-bound or on GPU).")
 
 
 class RuntimeConfig(_Section):
