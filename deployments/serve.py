@@ -8,15 +8,17 @@ UI, where a run can be started with any config path and overrides. Stop with Ctr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import serve
 
 from ddpipe.flows.distill import distill
 
+# Every Fashion-MNIST and smoke preset (RDED, SRe2L, CDA, G-VBSM), by name; paths relative to the repository root.
+_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = {
-    "fashion-mnist-rded-ipc1": "configs/fashion-mnist-rded-ipc1.yaml",
-    "fashion-mnist-rded-ipc10": "configs/fashion-mnist-rded-ipc10.yaml",
-    "fashion-mnist-rded-ipc50": "configs/fashion-mnist-rded-ipc50.yaml",
-    "smoke": "configs/smoke.yaml",
+    p.stem: f"configs/{p.name}"
+    for p in sorted([*_CONFIGS.glob("fashion-mnist-*.yaml"), *_CONFIGS.glob("smoke*.yaml")])
 }
 
 

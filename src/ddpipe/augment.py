@@ -61,6 +61,20 @@ def sample_boxes(n: int, height: int, width: int, gen: torch.Generator, scale=(0
     return boxes.to(torch.int64)
 
 
+def random_boxes(n: int, h: int, w: int, scale: tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """``n`` float crop boxes ``[top, left, h, w]`` for a differentiable random-resized crop: area fraction
+    uniform in ``scale``, log-aspect uniform in [3/4, 4/3], sides clipped to the image."""
+    lo, hi = scale
+    area = torch.empty(n).uniform_(lo, hi, generator=gen)
+    log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
+    r = torch.exp(log_r)
+    bw = torch.sqrt(area * r).clamp(max=1.0) * w
+    bh = torch.sqrt(area / r).clamp(max=1.0) * h
+    top = torch.rand(n, generator=gen) * (h - bh)
+    left = torch.rand(n, generator=gen) * (w - bw)
+    return torch.stack([top, left, bh, bw], dim=1)
+
+
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int, int],
                 image_index: torch.Tensor | None = None) -> torch.Tensor:
     """Crop ``boxes`` ([K, 4] top, left, h, w; int or float) out of float ``images`` [N, C, H, W] and resize
@@ -93,23 +107,12 @@ class Augmenter:
         """Random-resized crop and flip, per image."""
         n, _, h, w = x.shape
         if self.cfg.crop_scale is not None:
-            boxes = self._float_boxes(n, h, w)
+            boxes = random_boxes(n, h, w, self.cfg.crop_scale, self.gen)
             x = crop_resize(x, boxes, (h, w))
         if self.cfg.flip:
             flip = (torch.rand(n, generator=self.gen) < 0.5).to(x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x
-
-    def _float_boxes(self, n, h, w):
-        lo, hi = self.cfg.crop_scale
-        area = torch.empty(n).uniform_(lo, hi, generator=self.gen)
-        log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=self.gen)
-        r = torch.exp(log_r)
-        bw = torch.sqrt(area * r).clamp(max=1.0) * w
-        bh = torch.sqrt(area / r).clamp(max=1.0) * h
-        top = torch.rand(n, generator=self.gen) * (h - bh)
-        left = torch.rand(n, generator=self.gen) * (w - bw)
-        return torch.stack([top, left, bh, bw], dim=1)
 
     def cutmix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """CutMix with probability ``cfg.cutmix``: returns (mixed, partner index, lam), lam = share of x kept."""

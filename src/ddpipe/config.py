@@ -3,7 +3,9 @@
 A config is one YAML file (see ``configs/``) validated by :class:`RunConfig`.
 Every field has a description; ``docs/config.md`` is generated from them
 (``python -m ddpipe.config`` prints it). Overrides use dotted keys,
-``method.ipc=50`` or ``evaluation.seeds=[0,1]``; the value is parsed as YAML.
+``method.ipc=50`` or ``evaluation.seeds=[0,1]``; the value is parsed as YAML. A file may start from
+others with ``base: other.yaml`` or ``base: [a.yaml, b.yaml]`` (paths relative to it), deep-merged in order
+with its own keys last (``configs/base/`` holds the shared parts of the presets).
 
 The run folder is ``<store.uri>/<name>-<hash>``, where the hash covers every
 section that changes results (all but ``store``, ``orchestration`` and
@@ -35,8 +37,9 @@ class ModelSpec(_Section):
     """A network from the model registry (:mod:`ddpipe.models`)."""
 
     name: Literal[
-        "convnet", "resnet18_small", "resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"
+        "convnet", "resnet18_small", "wrn_16_2", "resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"
     ] = Field("convnet", description="Architecture name in the model registry.")
+    width_mult: float = Field(1.0, gt=0, description="mobilenet_v2 only: channel width multiplier (G-VBSM uses 0.5).")
     width: int = Field(128, ge=1, description="ConvNet only: channels of every conv layer.")
     depth: int = Field(3, ge=1, le=8, description="ConvNet only: number of conv-norm-relu-pool blocks.")
     norm: Literal["batch", "instance", "none"] = Field(
@@ -108,10 +111,14 @@ class TeacherConfig(_Section):
     model: ModelSpec = Field(
         default_factory=lambda: ModelSpec(width=64, norm="batch"), description="Teacher architecture."
     )
+    ensemble: tuple[ModelSpec, ...] = Field(
+        (), description="More backbones trained with the same recipe, each its own shard (G-VBSM's backbone "
+        "matching and ensemble soft labels use them); the primary teacher is always `model`."
+    )
     checkpoint: str | None = Field(
         None,
-        description="Path or URI of a ddpipe teacher checkpoint to use instead of training one. Its class map "
-        "must equal the dataset's.",
+        description="Path or URI of a ddpipe teacher checkpoint to use instead of training the primary teacher. "
+        "Its class map must equal the dataset's.",
     )
     epochs: float = Field(10, gt=0, description="Training epochs over the training split.")
     batch_size: int = Field(256, ge=1, description="Training batch size.")
@@ -128,10 +135,67 @@ class TeacherConfig(_Section):
     )
 
 
-class MethodConfig(_Section):
-    """The distillation method and its settings (RDED, Sun et al. CVPR'24, Algorithm 1)."""
+class CurriculumConfig(_Section):
+    """CDA's curriculum on RandomResizedCrop's lower scale bound (Yin & Shen, Algorithm 1)."""
 
-    name: Literal["rded"] = Field("rded", description="Distillation method.")
+    scheduler: Literal["step", "linear", "cosine"] = Field(
+        "cosine", description="step: beta_u until the milestone; linear: beta_l + gamma (beta_u - s/T); cosine: "
+        "beta_l + gamma (beta_u + cos(pi s/T)) / 2; beta_l after the milestone."
+    )
+    milestone: float = Field(1.0, ge=0, le=1, description="T as a fraction of the iterations (CDA README: 1.0).")
+    beta_l: float = Field(0.08, gt=0, le=1, description="Default lower bound of the crop scale.")
+    beta_u: float = Field(1.0, gt=0, le=1, description="Upper bound of the crop scale.")
+    gamma: float = Field(0.92, ge=0, le=1, description="Decay of the lower bound.")
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        start = {"step": self.beta_u, "linear": self.beta_l + self.gamma * self.beta_u,
+                 "cosine": self.beta_l + self.gamma * (self.beta_u + 1) / 2}[self.scheduler]
+        if self.beta_l > self.beta_u or start > self.beta_u + 1e-9:
+            raise ValueError(f"the {self.scheduler} curriculum starts at a lower bound of {start:.3f}, above beta_u "
+                             f"({self.beta_u}); lower gamma or beta_l")
+        return self
+
+
+class RecoveryConfig(_Section):
+    """Recovering images from noise against the teachers' statistics (SRe2L, CDA, G-VBSM)."""
+
+    iterations: int = Field(1000, ge=1, description="Optimisation steps per batch.")
+    lr: float = Field(0.25, gt=0, description="Adam learning rate on the pixels (cosine schedule to 0).")
+    betas: tuple[float, float] = Field((0.5, 0.9), description="Adam betas.")
+    r_bn: float = Field(0.01, ge=0, description="Weight of the statistic-matching loss (BN; G-VBSM: BN plus conv).")
+    first_multiplier: float = Field(10.0, ge=0, description="Extra weight of the first matched layer.")
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="RandomResizedCrop area range per step (CDA: the curriculum moves the lower bound)."
+    )
+    crop: Literal["batch", "sample"] = Field(
+        "batch", description="batch: one crop and flip for the whole batch (reference code); sample: one per image."
+    )
+    flip: bool = Field(True, description="Random horizontal flip per step.")
+    jitter: int = Field(4, ge=0, description="Random cyclic shift (pixels, both axes) per step.")
+    classes_per_batch: int = Field(10, ge=1, description="Classes optimised together (SRe2L: 100 on ImageNet).")
+    ipc_per_shard: int = Field(
+        10, ge=1, description="Images per class in one shard. SRe2L/CDA optimise one batch per ipc index (distinct "
+        "classes); G-VBSM optimises the shard's classes x ipc images as one class-major batch."
+    )
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig, description="CDA only: the crop curriculum.")
+    ema_alpha: float = Field(0.8, ge=0, lt=1, description="G-VBSM: alpha of the EMA form of the matching losses (Eq. 6).")
+    drop_rate: float = Field(0.4, ge=0, lt=1, description="G-VBSM: probability beta_dr of skipping a conv layer's match (Eq. 10).")
+    dd_weight: float = Field(1.0, ge=0, description="G-VBSM: weight of the data densification loss (Eq. 5).")
+    dd_tau: float = Field(4.0, gt=0, description="G-VBSM: temperature of the DD loss's target spectrum.")
+    dd_pool: int | None = Field(
+        None, ge=1, description="G-VBSM: side the batch is average-pooled to before the Gram matrix (reference: 32); "
+        "null keeps the image size."
+    )
+
+
+class MethodConfig(_Section):
+    """The distillation method and its settings.
+
+    rded: Sun et al. CVPR'24, Algorithm 1 (scoring + stitching). sre2l, cda, gvbsm: recovery from noise against
+    the teachers' statistics (the ``recovery`` sub-section)."""
+
+    name: Literal["rded", "sre2l", "cda", "gvbsm"] = Field("rded", description="Distillation method.")
     ipc: int = Field(10, ge=1, description="Images per class in the distilled set.")
     candidates_per_class: int = Field(
         300, ge=1, description="|T'_c|: images drawn at random per class before scoring (paper: 300)."
@@ -150,6 +214,23 @@ class MethodConfig(_Section):
         "centred, as the reference code) or resize (upsampled to the input size)."
     )
     batch_size: int = Field(512, ge=1, description="Teacher batch size while scoring crops.")
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="sre2l, cda, gvbsm: recovery settings.")
+
+    @property
+    def recovers(self) -> bool:
+        """True for the methods that recover images from noise (sre2l, cda, gvbsm)."""
+        return self.name != "rded"
+
+
+class StatisticsConfig(_Section):
+    """Global statistics of the real data seen by each teacher (recovery methods)."""
+
+    patch_size: int = Field(
+        4, ge=1, description="P of G-VBSM Eq. 9: conv inputs are resized up to multiples of P and cut into PxP patches "
+        "(CIFAR/Tiny: 4, ImageNet: 16)."
+    )
+    images_per_shard: int = Field(10000, ge=1, description="Training images per statistics shard.")
+    batch_size: int = Field(500, ge=1, description="Teacher batch size while collecting.")
 
 
 class LabelsConfig(_Section):
@@ -162,6 +243,14 @@ class LabelsConfig(_Section):
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="Storage type of the probabilities.")
     batch_size: int = Field(256, ge=1, description="Teacher batch size while labelling.")
+    ensemble: bool = Field(
+        False, description="Label with every teacher (primary + teacher.ensemble) combined, also for online KD; "
+        "false uses the primary teacher."
+    )
+    logit_norm: bool = Field(
+        True, description="Ensemble only: rescale each teacher's logits to the batch's mean Frobenius norm before "
+        "averaging (G-VBSM Eq. 8); false averages raw logits."
+    )
 
 
 class EvaluationConfig(_Section):
@@ -194,6 +283,11 @@ class EvaluationConfig(_Section):
     temperature_squared: bool = Field(
         True, description="Multiply the KL loss by T^2 (Hinton et al.); the RDED reference code does not."
     )
+    loss: Literal["kl", "mse_gt"] = Field(
+        "kl", description="Soft regimes: kl (KL to the soft labels with temperature) or mse_gt (G-VBSM: MSE between "
+        "student and teacher logits, centred per row, + gt_weight x cross-entropy on the class labels)."
+    )
+    gt_weight: float = Field(0.15, ge=0, description="mse_gt only: gamma, the weight of the cross-entropy term.")
     test_batch_size: int = Field(1000, ge=1, description="Batch size for test accuracy.")
 
 
@@ -237,6 +331,7 @@ class RunConfig(_Section):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="Real data.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher (observer) model.")
     method: MethodConfig = Field(default_factory=MethodConfig, description="Distillation method.")
+    statistics: StatisticsConfig = Field(default_factory=StatisticsConfig, description="Global statistics (recovery methods).")
     labels: LabelsConfig = Field(default_factory=LabelsConfig, description="Soft labels.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Student evaluation.")
     store: StoreConfig = Field(default_factory=StoreConfig, description="Output store.")
@@ -255,7 +350,16 @@ class RunConfig(_Section):
         if self.method.factor is not None and self.method.factor > self.image_size:
             raise ValueError("method.factor cannot exceed the image size")
         need = self.patches_per_class
-        if self.method.candidates_per_class < need:
+        if self.method.factor is not None and self.method.factor > 1 and self.method.recovers:
+            raise ValueError(f"method.factor applies to rded only (method.name={self.method.name})")
+        if self.method.recovers:
+            for k, spec in enumerate(self.teacher_models):
+                if spec.name == "convnet" and spec.norm != "batch":
+                    where = "teacher.model" if k == 0 else f"teacher.ensemble[{k - 1}]"
+                    raise ValueError(f"method {self.method.name} matches BatchNorm statistics: {where} needs norm: batch")
+        if self.labels.ensemble and not self.teacher.ensemble:
+            raise ValueError("labels.ensemble needs at least one backbone in teacher.ensemble")
+        if not self.method.recovers and self.method.candidates_per_class < need:
             raise ValueError(
                 f"method.candidates_per_class ({self.method.candidates_per_class}) must be at least factor^2 x ipc "
                 f"({need})"
@@ -283,7 +387,14 @@ class RunConfig(_Section):
 
     @property
     def factor(self) -> int:
+        if self.method.recovers:
+            return 1
         return self.method.factor or (1 if self.image_size <= 64 else 2)
+
+    @property
+    def teacher_models(self) -> tuple[ModelSpec, ...]:
+        """Every teacher backbone: the primary (index 0), then ``teacher.ensemble``."""
+        return (self.teacher.model, *self.teacher.ensemble)
 
     @property
     def patches_per_class(self) -> int:
@@ -357,18 +468,41 @@ def build_config(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Run
         raise ConfigError(_describe_error(e)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML config file and apply dotted-key overrides."""
-    path = Path(path)
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping. ``base: a.yaml`` or ``base: [a.yaml, b.yaml]`` (paths relative to the file) are
+    read first and deep-merged in order, the file's own keys last."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return build_config(data, overrides)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config file {path}: 'base' must be a file name or a list of file names")
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, _read_yaml(path.parent / b, (*seen, path.resolve())))
+    return _merge(merged, data)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config file (with its ``base`` chain) and apply dotted-key overrides."""
+    return build_config(_read_yaml(Path(path)), overrides)
 
 
 def config_reference() -> str:

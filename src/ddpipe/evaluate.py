@@ -7,6 +7,9 @@ Three label regimes (Dey et al. 2026, "Hard truths about soft labels"):
 - ``soft_kd``: KL divergence to the teacher's output on every augmented view, computed online
   (the RDED / SRe2L evaluation).
 
+With ``evaluation.loss: mse_gt`` the soft regimes use G-VBSM's loss instead of the KL: MSE between the
+student's and the teacher's logits + gamma x cross-entropy on the class labels.
+
 For stitched images (factor > 1) each sample shows one of its regions resized to the input size, with
 that region's stored label (RDED Eq. 10), unless ``evaluation.region_views`` is off. Every batch is then
 augmented by :class:`~ddpipe.augment.Augmenter` (crop, flip, CutMix; labels mixed by
@@ -69,6 +72,25 @@ def kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, cfg: RunCo
     return loss * (t * t) if cfg.evaluation.temperature_squared else loss
 
 
+def centred(z: torch.Tensor) -> torch.Tensor:
+    return z - z.mean(dim=1, keepdim=True)
+
+
+def mse_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """G-VBSM's logit MSE. The teacher's logits are recovered from its softened probabilities as T log p, which
+    equals them up to a per-row shift; both sides are centred per row, so the shift does not matter."""
+    target = cfg.labels.temperature * torch.log(target_probs.clamp_min(1e-12))
+    return F.mse_loss(centred(student_logits), centred(target))
+
+
+def class_ce(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
+    """Cross-entropy on class labels, mixed by area when the batch was CutMix-ed."""
+    loss = lam * F.cross_entropy(logits, y)
+    if lam < 1.0:
+        loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm])
+    return loss
+
+
 def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int, seed: int, device,
                   teacher: nn.Module | None = None, progress: Callable[[int, int], None] | None = None) -> nn.Module:
     """Train a fresh student on ``data`` under ``regime``; returns the model in eval mode."""
@@ -112,16 +134,17 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
                 if regime == "soft_kd":
                     with torch.no_grad():
                         target = F.softmax(teacher(x).float() / cfg.labels.temperature, dim=1)
+            y = data.classes[idx].to(device)
             if regime == "hard":
-                y = data.classes[idx].to(device)
-                loss = lam * F.cross_entropy(logits, y)
-                if lam < 1.0:
-                    loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm])
+                loss = class_ce(logits, y, perm, lam)
             else:
                 target = target.to(device)
                 if regime == "soft" and lam < 1.0:
                     target = lam * target + (1 - lam) * target[perm]
-                loss = kl_loss(logits, target, cfg)
+                if ev.loss == "kl":
+                    loss = kl_loss(logits, target, cfg)
+                else:
+                    loss = mse_loss(logits, target, cfg) + ev.gt_weight * class_ce(logits, y, perm, lam)
             fitter.step(loss)
             step += 1
             if progress:

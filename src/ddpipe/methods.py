@@ -1,21 +1,47 @@
 """Distillation methods: each contributes the stages that make the distilled set.
 
 A run is ``DATASET, TEACHER, <method stages>, RANDOM_SUBSET, LABELS, EVALUATION``; the method's last stage
-is named ``synthesis`` and writes ``distilled/images/...png`` and ``distilled/provenance/class=C.parquet``
-(:data:`ddpipe.stages.PROVENANCE_SCHEMA`). Adding a method means adding its stages here.
+is named ``synthesis`` and writes ``distilled/provenance/class=C.parquet`` (:data:`ddpipe.stages.PROVENANCE_SCHEMA`)
+naming the images under ``distilled/images/``. Adding a method means adding its stages here.
+
+=============  =====================  ======================================================================
+method         stages                 outputs (relative to the run folder)
+=============  =====================  ======================================================================
+rded           scoring                ``scoring/class=CCCCC.parquet`` (:data:`ddpipe.rded.SCORES_SCHEMA`)
+               synthesis              ``distilled/images/...png``, ``distilled/provenance/class=CCCCC.parquet``
+sre2l, cda     statistics             ``statistics/teacher0.pt`` (BN running statistics)
+               recovery               ``distilled/images/...png``, ``recovery/<shard>.parquet`` (provenance),
+                                      ``recovery/<shard>.json`` (losses at the first and last step)
+               synthesis              ``distilled/provenance/class=CCCCC.parquet`` (joined from recovery)
+gvbsm          moments                ``statistics/moments/<shard>.pt`` (per teacher and image range;
+                                      shared across runs in ``<store>/shared/moments``)
+               statistics             ``statistics/teacherK.pt`` (conv channel/patch and BN statistics)
+               recovery, synthesis    as sre2l
+=============  =====================  ======================================================================
 """
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
 from ddpipe import progress
 from ddpipe.augment import generator
 from ddpipe.config import RunConfig
-from ddpipe.pipeline import Context, Shard, Stage
+from ddpipe.manifests import stage_files
+from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
 from ddpipe.rded import score_class, selected_rows, stitch_class
+from ddpipe.recovery import recover
 from ddpipe.stages import (
-    DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, class_groups, teacher_of, write_image_set_class,
+    DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, class_groups, image_path, png_bytes, provenance_table,
+    teacher_files, teacher_of, write_image_set_class,
 )
-from ddpipe.store import FileRecord
+from ddpipe.statistics import collect, global_statistics, merge, moments_bytes, read_moments, read_statistics, statistics_bytes
+from ddpipe.store import FileRecord, sha256_bytes
 
 # ---------------------------------------------------------------- RDED
 
@@ -48,7 +74,148 @@ RDED = (
           doc="RDED stage 2: stitch the selected patches into images"),
 )
 
-METHODS: dict[str, tuple[Stage, ...]] = {"rded": RDED}
+# ---------------------------------------------------------------- recovery: SRe2L, CDA, G-VBSM
+
+
+def statistic_teachers(cfg: RunConfig) -> range:
+    """The teachers a recovery method matches: all of them for gvbsm, the primary otherwise."""
+    return range(len(cfg.teacher_models) if cfg.method.name == "gvbsm" else 1)
+
+
+def _moment_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    n, step = len(ctx.source.train), ctx.cfg.statistics.images_per_shard
+    return [
+        Shard(id=f"teacher{k}-images-{a:09d}-{min(a + step, n) - 1:09d}", teacher=k, images=(a, min(a + step, n)))
+        for k in statistic_teachers(ctx.cfg) for a in range(0, n, step)
+    ]
+
+
+def _teacher_sha(ctx: Context, inputs, k: int) -> str:
+    path = teacher_files(k)[0]
+    return next(f.sha256 for f in stage_files(ctx.store, inputs["teacher"]) if f.path == path)
+
+
+def run_moments(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Moments at every conv input of teacher ``shard.teacher`` over a range of training images."""
+    cfg = ctx.cfg
+    st = cfg.statistics
+    teacher = teacher_of(ctx, inputs, shard.teacher)
+    a, b = shard.images
+    key = sha256_bytes(json.dumps({
+        "teacher": _teacher_sha(ctx, inputs, shard.teacher), "data": ctx.source.train.fingerprint, "images": [a, b],
+        "patch_size": st.patch_size, "batch_size": st.batch_size, "code": code_hash("statistics", "data"),
+    }, sort_keys=True).encode())[:32]
+
+    def compute() -> dict[str, bytes]:
+        mean, std = cfg.normalization
+        moments = collect(teacher.model, ctx.source.train, np.arange(a, b), st.patch_size, st.batch_size, mean, std,
+                          ctx.device, cfg.runtime, progress.stepper("moments", shard.id, every=st.batch_size))
+        return {"moments.pt": moments_bytes(moments)}
+
+    data = shared_outputs(cfg, "moments", key, compute)["moments.pt"]
+    return [ctx.store.write_bytes(f"statistics/moments/{shard.id}.pt", data)]
+
+
+def _statistic_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    return [Shard(id=f"teacher{k}", teacher=k) for k in statistic_teachers(ctx.cfg)]
+
+
+def run_statistics(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Teacher ``shard.teacher``'s global statistics: its BN running statistics, and for gvbsm the conv-input
+    statistics merged exactly from the moments shards."""
+    k = shard.teacher
+    teacher = teacher_of(ctx, inputs, k)
+    moments = {}
+    if "moments" in inputs:
+        parts = [s for s in _moment_shards(ctx, 0) if s.teacher == k]
+        moments = merge([read_moments(ctx.store.read_bytes(f"statistics/moments/{s.id}.pt")) for s in parts])
+    stats = global_statistics(teacher.model, moments, ctx.cfg.statistics.patch_size)
+    return [ctx.store.write_bytes(f"statistics/teacher{k}.pt", statistics_bytes(stats))]
+
+
+def _recovery_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    rc, ipc = ctx.cfg.method.recovery, ctx.cfg.method.ipc
+    out = []
+    for c0 in range(0, num_classes, rc.classes_per_batch):
+        c1 = min(c0 + rc.classes_per_batch, num_classes)
+        for j0 in range(0, ipc, rc.ipc_per_shard):
+            j1 = min(j0 + rc.ipc_per_shard, ipc)
+            out.append(Shard(id=f"classes-{c0:05d}-{c1 - 1:05d}-ipc-{j0:05d}-{j1 - 1:05d}",
+                             classes=tuple(range(c0, c1)), ipc=(j0, j1)))
+    return out
+
+
+def recovery_batches(cfg: RunConfig, shard: Shard) -> list[list[tuple[int, int]]]:
+    """The (class, ipc index) pairs optimised together: sre2l/cda one batch of distinct classes per ipc index;
+    gvbsm one class-major batch of the whole shard."""
+    j0, j1 = shard.ipc
+    if cfg.method.name == "gvbsm":
+        return [[(c, j) for c in shard.classes for j in range(j0, j1)]]
+    return [[(c, j) for c in shard.classes] for j in range(j0, j1)]
+
+
+def run_recovery(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Recover the shard's images from noise; each image's starting noise depends only on (seed, class, ipc index)."""
+    cfg, store = ctx.cfg, ctx.store
+    size, channels = cfg.image_size, cfg.channels
+    pairs = []
+    for k in statistic_teachers(cfg):
+        stats = ctx.cached(f"statistics:{inputs['statistics'].sha256}:{k}",
+                           lambda k=k: read_statistics(store.read_bytes(f"statistics/teacher{k}.pt")))
+        pairs.append((teacher_of(ctx, inputs, k).model, stats))
+    gen = generator(cfg.seed, "recovery", shard.id)
+    files, rows, losses = [], [], []
+    batches = recovery_batches(cfg, shard)
+    for b, batch in enumerate(batches):
+        init = torch.stack([torch.randn(channels, size, size, generator=generator(cfg.seed, "recovery-init", c, j))
+                            for c, j in batch])
+        classes = torch.tensor([c for c, _ in batch], dtype=torch.int64)
+        step = progress.stepper("recovery", shard.id, every=20)
+        images, info = recover(cfg, pairs, classes, init, ctx.device, gen,
+                               lambda done, total: step(b * total + done, len(batches) * total))
+        for (c, j), img in zip(batch, images):
+            files.append(store.write_bytes(image_path("distilled", c, j), png_bytes(img)))
+            rows.append({"class_index": c, "ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": -1,
+                         "source_id": "", "top": 0, "left": 0, "height": 0, "width": 0, "score": None})
+        losses.append({"classes": sorted({c for c, _ in batch}), "ipc": sorted({j for _, j in batch}),
+                       **{f"{name}_first": v[0] for name, v in info.items()},
+                       **{f"{name}_last": v[-1] for name, v in info.items()}})
+    files.append(store.write_table(f"recovery/{shard.id}.parquet", provenance_table("distilled", rows)))
+    files.append(store.write_bytes(f"recovery/{shard.id}.json", json.dumps(losses, indent=1, sort_keys=True).encode()))
+    return files
+
+
+def run_assembly(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """The distilled set's per-class provenance, joined from the recovery shards."""
+    parts = ctx.cached(
+        f"recovery-rows:{inputs['recovery'].sha256}",
+        lambda: pa.concat_tables([ctx.store.read_table(f"recovery/{s.id}.parquet")
+                                  for s in _recovery_shards(ctx, len(ctx.source.classes))]),
+    )
+    files = []
+    for c in shard.classes:
+        rows = parts.filter(pc.equal(parts["class_index"], c)).sort_by("ipc_index")
+        files.append(ctx.store.write_table(f"distilled/provenance/class={c:05d}.parquet", rows))
+    return files
+
+
+_RECOVERY = Stage("recovery", ("dataset", "teacher", "statistics"), ("dataset", "method", "statistics"), _recovery_shards,
+                  run_recovery, doc="recover images from noise against the teachers' statistics")
+_ASSEMBLY = Stage("synthesis", ("dataset", "recovery"), ("dataset", "method"), class_groups, run_assembly,
+                  doc="join the recovered images' provenance per class")
+_BN_STATISTICS = Stage("statistics", ("dataset", "teacher"), ("dataset", "method", "statistics"), _statistic_shards,
+                       run_statistics, doc="the teacher's BatchNorm running statistics")
+_MOMENTS = Stage("moments", ("dataset", "teacher"), ("dataset", "statistics"), _moment_shards, run_moments,
+                 doc="one no-grad pass per teacher over the training images: moments at every conv input")
+_STATISTICS = Stage("statistics", ("dataset", "teacher", "moments"), ("dataset", "method", "statistics"),
+                    _statistic_shards, run_statistics, doc="merge the moments exactly; add BN running statistics")
+
+METHODS: dict[str, tuple[Stage, ...]] = {
+    "rded": RDED,
+    "sre2l": (_BN_STATISTICS, _RECOVERY, _ASSEMBLY),
+    "cda": (_BN_STATISTICS, _RECOVERY, _ASSEMBLY),
+    "gvbsm": (_MOMENTS, _STATISTICS, _RECOVERY, _ASSEMBLY),
+}
 
 
 def stages_for(cfg: RunConfig) -> list[Stage]:

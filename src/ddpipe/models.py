@@ -6,8 +6,10 @@ All builders take any input channel count and class count:
   then a linear classifier. As in the DC reference code, a 28x28 input gets ``padding=3`` in the first conv
   so the feature maps are 32 -> 16 -> 8 -> 4.
 - ``resnet18_small``: torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (for <= 64 px images).
-- ``resnet18``, ``mobilenet_v2``, ``shufflenet_v2_x0_5``, ``efficientnet_b0``: torchvision builders, randomly
-  initialised, with the first convolution rebuilt for the input channel count.
+- ``wrn_16_2``: the Wide-ResNet 16-2 of the CIFAR literature (3 groups of 2 pre-activation blocks, widths 32/64/128),
+  one of G-VBSM's small-image backbones.
+- ``resnet18``, ``mobilenet_v2`` (``width_mult``), ``shufflenet_v2_x0_5``, ``efficientnet_b0``: torchvision
+  builders, randomly initialised, with the first convolution rebuilt for the input channel count.
 """
 
 from __future__ import annotations
@@ -46,6 +48,41 @@ class ConvNet(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
+class _WideBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        o = torch.relu(self.bn1(x))
+        y = self.conv2(torch.relu(self.bn2(self.conv1(o))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k (Zagoruyko & Komodakis) for small images: (depth - 4) / 6 blocks per group."""
+
+    def __init__(self, in_channels: int, num_classes: int, depth: int = 16, k: int = 2):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16, 16 * k, 32 * k, 64 * k]
+        self.conv = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks, cin = [], widths[0]
+        for g, cout in enumerate(widths[1:]):
+            for b in range(n):
+                blocks.append(_WideBlock(cin, cout, 2 if (g > 0 and b == 0) else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.blocks(self.conv(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
     """Rebuild the first Conv2d of a torchvision model for ``in_channels`` inputs."""
     for name, child in module.named_modules():
@@ -59,10 +96,10 @@ def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
             return
 
 
-def _torchvision(name: str, in_channels: int, num_classes: int) -> nn.Module:
+def _torchvision(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
     import torchvision
 
-    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
     _replace_first_conv(model, in_channels)
     return model
 
@@ -75,7 +112,7 @@ def _resnet18_small(in_channels: int, num_classes: int) -> nn.Module:
 
 
 _INIT_LOCK = threading.Lock()  # the global RNG is shared by the flow's worker threads
-MODEL_NAMES = ("convnet", "resnet18_small", "resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0")
+MODEL_NAMES = ("convnet", "resnet18_small", "wrn_16_2", "resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0")
 
 
 def build_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -84,6 +121,10 @@ def build_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size:
         return ConvNet(in_channels, num_classes, image_size, spec.width, spec.depth, spec.norm, spec.pooling)
     if spec.name == "resnet18_small":
         return _resnet18_small(in_channels, num_classes)
+    if spec.name == "wrn_16_2":
+        return WideResNet(in_channels, num_classes, 16, 2)
+    if spec.name == "mobilenet_v2":
+        return _torchvision(spec.name, in_channels, num_classes, width_mult=spec.width_mult)
     return _torchvision(spec.name, in_channels, num_classes)
 
 

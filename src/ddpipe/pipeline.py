@@ -39,16 +39,18 @@ from ddpipe.manifests import (
 from ddpipe.store import FileRecord, Store, sha256_bytes
 
 
-def _code_version() -> str:
+def code_hash(*modules: str) -> str:
+    """Hash of the library's source: every module, or only the named ones (``"teacher"``, ``"models"``, ...)."""
     h = hashlib.sha256()
     root = Path(ddpipe.__file__).parent
-    for path in sorted(root.rglob("*.py")):
+    paths = sorted(root.rglob("*.py")) if not modules else [root / f"{m}.py" for m in sorted(modules)]
+    for path in paths:
         h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
-    return f"{ddpipe.__version__}+{h.hexdigest()[:12]}"
+    return h.hexdigest()[:12]
 
 
-CODE_VERSION = _code_version()
+CODE_VERSION = f"{ddpipe.__version__}+{code_hash()}"
 
 
 class Shard(BaseModel):
@@ -59,6 +61,9 @@ class Shard(BaseModel):
     set: str | None = None
     regime: str | None = None
     seed: int | None = None
+    teacher: int | None = None  # index into RunConfig.teacher_models
+    ipc: tuple[int, int] | None = None  # ipc indices [start, stop)
+    images: tuple[int, int] | None = None  # training-image positions [start, stop)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,27 @@ class Stage:
 def run_store(cfg: RunConfig) -> Store:
     """The store of the run folder ``<store.uri>/<name>-<hash>``."""
     return Store(cfg.store.uri, cfg.store.storage_options).child(cfg.run_name)
+
+
+def shared_outputs(cfg: RunConfig, kind: str, key: str, compute: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
+    """Outputs shared by every run in the same store (trained teachers, statistic moments), by file name.
+
+    They live in ``<store.uri>/shared/<kind>/<key>/``, ``key`` a hash of everything they depend on. When
+    that folder's ``index.json`` exists and every file it lists still hashes as listed, the files are
+    returned; otherwise ``compute()`` makes them and they are written there (files first, the index last,
+    so an interrupted write is recomputed, never half-used). The caller still writes them into its run folder.
+    """
+    shared = Store(cfg.store.uri, cfg.store.storage_options).child(f"shared/{kind}/{key}")
+    if shared.exists("index.json"):
+        index = json.loads(shared.read_bytes("index.json"))
+        found = {name: _read(shared, name) for name in index}
+        if all(data is not None and sha256_bytes(data) == index[name] for name, data in found.items()):
+            return found
+    out = compute()
+    for name, data in out.items():
+        shared.write_bytes(name, data)
+    shared.write_bytes("index.json", json.dumps({n: sha256_bytes(d) for n, d in out.items()}, sort_keys=True).encode())
+    return out
 
 
 @dataclass

@@ -7,6 +7,7 @@ Schema (all accuracies are fractions in [0, 1]):
   "run": "<name>-<hash>", "run_uri": "...", "config_hash": "...", "code_version": "...",
   "method": "rded", "dataset": "fashion-mnist", "ipc": 10, "factor": 1, "classes": 10,
   "teacher": {"model": "convnet", "val_accuracy": 0.93, "origin": "trained" | "<checkpoint uri>"},
+  "ensemble": [{"model": "mobilenet_v2", "val_accuracy": 0.9, ...}],   # teacher.ensemble, in order
   "labels": {"temperature": 20.0, "dtype": "float16", "top_k": null,
              "bytes": 123, "bytes_per_image": 12.3},           # distilled set's label files
   "regimes": {
@@ -49,6 +50,7 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
     num_classes = store.read_table("dataset/classes.parquet").num_rows
     n_images = cfg.method.ipc * num_classes
     teacher = json.loads(store.read_bytes("teacher/metrics.json"))
+    ensemble = [json.loads(store.read_bytes(f"teacher/member{k}.json")) for k in range(1, len(cfg.teacher_models))]
     return {
         "run": cfg.run_name,
         "run_uri": store.uri,
@@ -60,6 +62,7 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
         "factor": cfg.factor,
         "classes": num_classes,
         "teacher": {"model": cfg.teacher.model.name, **teacher},
+        "ensemble": ensemble,
         "labels": {
             "temperature": cfg.labels.temperature, "dtype": cfg.labels.dtype, "top_k": cfg.labels.top_k,
             "bytes": label_bytes, "bytes_per_image": label_bytes / max(1, n_images),

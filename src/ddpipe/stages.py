@@ -6,7 +6,8 @@ The method's own stages (for RDED ``scoring`` and ``synthesis``) are in :mod:`dd
 stage          shards                  outputs (relative to the run folder)
 =============  ======================  =====================================================================
 dataset        one                     ``dataset/classes.parquet``, ``dataset/dataset.json``
-teacher        one                     ``teacher/teacher.pt``, ``teacher/metrics.json``
+teacher        one per backbone        ``teacher/teacher.pt``, ``teacher/metrics.json`` (primary);
+                                       ``teacher/memberK.pt``, ``teacher/memberK.json`` (teacher.ensemble)
 scoring        class groups            ``scoring/class=CCCCC.parquet`` (:data:`ddpipe.rded.SCORES_SCHEMA`)
 synthesis      class groups            ``distilled/images/CCCCC/classCCCCC_idJJJJJ.png``,
                                        ``distilled/provenance/class=CCCCC.parquet``
@@ -34,9 +35,11 @@ from ddpipe.errors import CheckpointError, DataError, TeacherError
 from ddpipe.evaluate import ImageSet, evaluate
 from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
 from ddpipe.manifests import StageManifest, stage_files
-from ddpipe.pipeline import Context, Shard, Stage
-from ddpipe.store import FileRecord, Store
-from ddpipe.teacher import Teacher, check_class_map, checkpoint_bytes, load_teacher, measure, read_checkpoint, train_teacher
+from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
+from ddpipe.store import FileRecord, Store, sha256_bytes
+from ddpipe.teacher import (
+    Ensemble, Teacher, check_class_map, checkpoint_bytes, load_teacher, measure, read_checkpoint, train_teacher,
+)
 
 SETS = ("distilled", "random")
 
@@ -92,13 +95,12 @@ def png_decode(data: bytes, channels: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
-def write_image_set_class(store: Store, set_name: str, c: int, images: torch.Tensor, rows: list[dict]) -> list[FileRecord]:
-    """PNG per image plus the class's provenance table (one row per image region)."""
-    files = [store.write_bytes(image_path(set_name, c, j), png_bytes(img)) for j, img in enumerate(images)]
-    table = pa.table(
+def provenance_table(set_name: str, rows: list[dict]) -> pa.Table:
+    """Provenance rows (one per image region; each names its ``class_index`` and ``ipc_index``) as a table."""
+    return pa.table(
         {
-            "image": [image_path(set_name, c, r["ipc_index"]) for r in rows],
-            "class_index": [c] * len(rows),
+            "image": [image_path(set_name, r["class_index"], r["ipc_index"]) for r in rows],
+            "class_index": [r["class_index"] for r in rows],
             "ipc_index": [r["ipc_index"] for r in rows],
             "region": [r["region"] for r in rows],
             "cell_top": [r["cell"][0] for r in rows],
@@ -115,6 +117,12 @@ def write_image_set_class(store: Store, set_name: str, c: int, images: torch.Ten
         },
         schema=PROVENANCE_SCHEMA,
     )
+
+
+def write_image_set_class(store: Store, set_name: str, c: int, images: torch.Tensor, rows: list[dict]) -> list[FileRecord]:
+    """PNG per image plus the class's provenance table (one row per image region)."""
+    files = [store.write_bytes(image_path(set_name, c, j), png_bytes(img)) for j, img in enumerate(images)]
+    table = provenance_table(set_name, [{**r, "class_index": c} for r in rows])
     files.append(store.write_table(f"{set_name}/provenance/class={c:05d}.parquet", table))
     return files
 
@@ -125,16 +133,29 @@ def dataset_classes(store: Store, dataset: StageManifest) -> list[str]:
     return store.read_table(path).column("class_name").to_pylist()
 
 
-def teacher_of(ctx: Context, manifests: dict[str, StageManifest]) -> Teacher:
-    """The run's teacher, loaded once per process and checked against the data's class map."""
+def teacher_of(ctx: Context, manifests: dict[str, StageManifest], k: int = 0) -> Teacher:
+    """Teacher ``k`` of the run (0: the primary), loaded once per process and checked against the data's class map."""
     sha = manifests["teacher"].sha256
+    path = teacher_files(k)[0]
 
     def load():
         classes = dataset_classes(ctx.store, manifests["dataset"])
-        return load_teacher(ctx.store.read_bytes("teacher/teacher.pt"), ctx.store.url("teacher/teacher.pt"),
-                            classes, ctx.cfg, ctx.device)
+        return load_teacher(ctx.store.read_bytes(path), ctx.store.url(path), classes, ctx.cfg, ctx.device)
 
-    return ctx.cached(f"teacher:{sha}", load)
+    return ctx.cached(f"teacher:{sha}:{k}", load)
+
+
+def teachers_of(ctx: Context, manifests: dict[str, StageManifest]) -> list[Teacher]:
+    """Every teacher of the run: the primary, then ``teacher.ensemble``."""
+    return [teacher_of(ctx, manifests, k) for k in range(len(ctx.cfg.teacher_models))]
+
+
+def label_model(ctx: Context, manifests: dict[str, StageManifest]) -> torch.nn.Module:
+    """The network that gives soft labels and online-KD targets: the primary teacher, or with
+    ``labels.ensemble`` every teacher combined (:class:`~ddpipe.teacher.Ensemble`)."""
+    if not ctx.cfg.labels.ensemble:
+        return teacher_of(ctx, manifests).model
+    return Ensemble([t.model for t in teachers_of(ctx, manifests)], ctx.cfg.labels.logit_norm)
 
 
 def class_groups(ctx: Context, num_classes: int) -> list[Shard]:
@@ -194,25 +215,51 @@ def read_external(uri: str, storage_options: dict) -> bytes:
         raise CheckpointError(f"cannot read teacher checkpoint {uri}: {e}") from None
 
 
+def teacher_files(k: int) -> tuple[str, str]:
+    """(checkpoint, metrics) paths of teacher ``k`` (0: the primary teacher) in the run folder."""
+    return ("teacher/teacher.pt", "teacher/metrics.json") if k == 0 else (f"teacher/member{k}.pt", f"teacher/member{k}.json")
+
+
+def teacher_key(cfg, source, k: int) -> str:
+    """What a trained teacher depends on: data, recipe, backbone, seed, and the training code."""
+    recipe = json.loads(cfg.section_json("teacher"))["teacher"]
+    for field in ("ensemble", "checkpoint", "min_val_accuracy", "model"):
+        recipe.pop(field)
+    payload = {
+        "data": source.fingerprint, "dataset": json.loads(cfg.section_json("dataset")), "recipe": recipe,
+        "model": cfg.teacher_models[k].model_dump(mode="json"), "member": k, "seed": cfg.seed,
+        "code": code_hash("augment", "data", "models", "teacher", "train"),
+    }
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+
+
 def run_teacher(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Teacher ``shard.teacher``: loaded from ``teacher.checkpoint`` (primary only) or trained, shared across runs."""
     cfg, src, store = ctx.cfg, ctx.source, ctx.store
+    k = shard.teacher
+    spec = cfg.teacher_models[k]
     classes = dataset_classes(store, inputs["dataset"])
-    if cfg.teacher.checkpoint:
+    if k == 0 and cfg.teacher.checkpoint:
         data = read_external(cfg.teacher.checkpoint, cfg.store.storage_options)
         teacher = load_teacher(data, cfg.teacher.checkpoint, classes, cfg, ctx.device)
         acc, origin = measure(teacher.model, cfg, src, ctx.device), cfg.teacher.checkpoint
     else:
-        model = train_teacher(cfg, src, ctx.device, progress.stepper("teacher", shard.id, every=10))
-        acc, origin = measure(model, cfg, src, ctx.device), "trained"
-        data = checkpoint_bytes(model, cfg, src, cfg.teacher.model, acc)
+        def train() -> dict[str, bytes]:
+            model = train_teacher(cfg, src, ctx.device, progress.stepper("teacher", shard.id, every=10), k)
+            acc = measure(model, cfg, src, ctx.device)
+            return {"teacher.pt": checkpoint_bytes(model, cfg, src, spec, acc)}
+
+        data = shared_outputs(cfg, "teachers", teacher_key(cfg, src, k), train)["teacher.pt"]
+        acc, origin = float(read_checkpoint(data, "teacher.pt")["val_accuracy"]), "trained"
     if acc < cfg.teacher.min_val_accuracy:
         raise TeacherError(
-            f"teacher test accuracy {acc:.4f} is below teacher.min_val_accuracy={cfg.teacher.min_val_accuracy}"
+            f"teacher {spec.name} test accuracy {acc:.4f} is below teacher.min_val_accuracy={cfg.teacher.min_val_accuracy}"
         )
-    metrics = {"val_accuracy": round(acc, 6), "origin": origin, "test_images": len(src.test)}
+    metrics = {"val_accuracy": round(acc, 6), "origin": origin, "test_images": len(src.test), "model": spec.name}
+    ckpt, metrics_path = teacher_files(k)
     return [
-        store.write_bytes("teacher/teacher.pt", data),
-        store.write_bytes("teacher/metrics.json", json.dumps(metrics, indent=1, sort_keys=True).encode()),
+        store.write_bytes(ckpt, data),
+        store.write_bytes(metrics_path, json.dumps(metrics, indent=1, sort_keys=True).encode()),
     ]
 
 
@@ -258,14 +305,14 @@ def load_class_images(ctx: Context, set_name: str, c: int) -> tuple[list[str], t
 
 
 def run_labels(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
-    teacher = teacher_of(ctx, inputs)
+    model = label_model(ctx, inputs)
     factor = set_factor(ctx, shard.set)
-    num_classes = len(teacher.classes)
+    num_classes = len(dataset_classes(ctx.store, inputs["dataset"]))
     files = []
     for c in shard.classes:
         paths, images = load_class_images(ctx, shard.set, c)
         views, meta = region_views(images, factor)
-        probs = soft_labels(teacher.model, views, ctx.cfg, ctx.device)
+        probs = soft_labels(model, views, ctx.cfg, ctx.device)
         table = labels_table(paths, [c] * len(paths), meta, probs, num_classes, ctx.cfg.labels)
         files.append(ctx.store.write_table(f"{shard.set}/labels/class={c:05d}.parquet", table))
     return files
@@ -288,15 +335,14 @@ def load_image_set(ctx: Context, set_name: str, num_classes: int, with_labels: b
 
 
 def run_evaluation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
-    teacher = teacher_of(ctx, inputs)
-    num_classes = len(teacher.classes)
+    num_classes = len(dataset_classes(ctx.store, inputs["dataset"]))
     with_labels = shard.regime == "soft"
     data = ctx.cached(
         f"set:{shard.set}:{with_labels}:{inputs['labels'].sha256}",
         lambda: load_image_set(ctx, shard.set, num_classes, with_labels),
     )
     result = evaluate(ctx.cfg, shard.regime, data, ctx.source, shard.seed, ctx.device,
-                      teacher.model if shard.regime == "soft_kd" else None,
+                      label_model(ctx, inputs) if shard.regime == "soft_kd" else None,
                       progress.stepper("evaluation", shard.id, every=20))
     result["set"] = shard.set
     rel = f"evaluation/{shard.id}.json"
@@ -323,6 +369,11 @@ def _one(name: str):
     return lambda ctx, num_classes: [Shard(id=name)]
 
 
+def _teacher_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    return [Shard(id="teacher" if k == 0 else f"member{k}-{spec.name}", teacher=k)
+            for k, spec in enumerate(ctx.cfg.teacher_models)]
+
+
 def _label_shards(ctx: Context, num_classes: int) -> list[Shard]:
     return [
         Shard(id=f"{s}-{g.id}", classes=g.classes, set=s) for s in SETS for g in class_groups(ctx, num_classes)
@@ -343,8 +394,8 @@ def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
 DATASET = Stage("dataset", (), ("dataset", "method"), _one("dataset"), run_dataset,
                 fingerprint=lambda ctx: ctx.source.fingerprint,
                 doc="list classes, count images, fingerprint the data")
-TEACHER = Stage("teacher", ("dataset",), ("dataset", "teacher"), _one("teacher"), run_teacher,
-                doc="train (or load) and measure the teacher")
+TEACHER = Stage("teacher", ("dataset",), ("dataset", "teacher"), _teacher_shards, run_teacher,
+                doc="train (or load) and measure each teacher (shared across runs in <store>/shared/teachers)")
 RANDOM_SUBSET = Stage("random_subset", ("dataset",), ("dataset", "method"), class_groups, run_random_subset,
                       doc="draw the random-subset baseline")
 LABELS = Stage("labels", ("dataset", "teacher", "synthesis", "random_subset"), ("dataset", "method", "labels"),

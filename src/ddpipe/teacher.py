@@ -41,13 +41,16 @@ class Teacher:
 
 
 def train_teacher(cfg: RunConfig, source: DataSource, device: torch.device,
-                  progress: Callable[[int, int], None] | None = None) -> nn.Module:
-    """Train the teacher on the whole training split with the configured recipe."""
+                  progress: Callable[[int, int], None] | None = None, member: int = 0) -> nn.Module:
+    """Train teacher ``member`` (0: ``teacher.model``, k: ``teacher.ensemble[k-1]``) on the whole training split
+    with the configured recipe."""
     t = cfg.teacher
     split = source.train
-    model = init_model(t.model, cfg.channels, source.num_classes, cfg.image_size, seed_for(cfg.seed, "teacher", "init"))
+    spec = cfg.teacher_models[member]
+    stream = ("teacher",) if member == 0 else ("teacher", f"member{member}")
+    model = init_model(spec, cfg.channels, source.num_classes, cfg.image_size, seed_for(cfg.seed, *stream, "init"))
     model = to_device(model, device, cfg.runtime)
-    gen = generator(cfg.seed, "teacher", "data")
+    gen = generator(cfg.seed, *stream, "data")
     aug = Augmenter(t.augment, gen)
     mean, std = cfg.normalization
     steps_per_epoch = math.ceil(len(split) / t.batch_size)
@@ -143,6 +146,30 @@ def load_teacher(data: bytes, name: str, data_classes: list[str], cfg: RunConfig
         p.requires_grad_(False)
     return Teacher(model, spec, list(payload["classes"]), payload["image_size"], payload["channels"],
                    tuple(payload["mean"]), tuple(payload["std"]), float(payload["val_accuracy"]))
+
+
+def ensemble_logits(logits: torch.Tensor, logit_norm: bool) -> torch.Tensor:
+    """Combine [M, B, C] logits of M teachers into [B, C] (G-VBSM Eq. 8).
+
+    With ``logit_norm`` each teacher's logits are first rescaled to the same Frobenius norm over the batch,
+    the mean of the M norms: ``z_m * mean_m(||z_m||_F) / ||z_m||_F``; then the M are averaged.
+    """
+    if logit_norm:
+        norms = logits.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)
+        logits = logits / norms * norms.mean()
+    return logits.mean(0)
+
+
+class Ensemble(nn.Module):
+    """Several teachers as one network whose output is :func:`ensemble_logits` of theirs."""
+
+    def __init__(self, models: list[nn.Module], logit_norm: bool):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.logit_norm = logit_norm
+
+    def forward(self, x):
+        return ensemble_logits(torch.stack([m(x).float() for m in self.models]), self.logit_norm)
 
 
 def measure(model: nn.Module, cfg: RunConfig, source: DataSource, device) -> float:

@@ -1,0 +1,73 @@
+"""Synthesis time per distilled image, method against method, on the same teacher and machine.
+
+    python benchmarks/synthesis_time.py --store /tmp/ddpipe-synth \\
+        --config configs/fashion-mnist-rded-ipc10.yaml configs/fashion-mnist-sre2l-ipc10.yaml \\
+        configs/fashion-mnist-cda-ipc10.yaml configs/fashion-mnist-gvbsm-ipc10.yaml --set teacher.checkpoint=T.pt
+
+Each config runs its stages up to ``synthesis`` with the plain runner (fresh run folders in ``--store``) and
+times every stage. A method's synthesis time is the sum of its own stages (RDED: scoring + synthesis;
+SRe2L/CDA: statistics + recovery + synthesis; G-VBSM: moments + statistics + recovery + synthesis), per
+distilled image; the teacher stage (training the extra G-VBSM backbones, loading the checkpoint) is reported
+apart. Prints one JSON object with each method's seconds per image and its ratio to the first config's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ddpipe.config import load_config
+from ddpipe.methods import METHODS, stages_for
+from ddpipe.pipeline import context_for, make_plan, prepare, run_stage
+from ddpipe.stages import dataset_classes
+
+
+def run_until_synthesis(cfg) -> dict[str, float]:
+    ctx = context_for(cfg)
+    stages = stages_for(cfg)
+    prepare(ctx)
+    manifests, seconds = {}, {}
+    plan = {stages[0].name: stages[0].plan(ctx, 0)}
+    for stage in stages:
+        start = time.perf_counter()
+        manifests[stage.name] = run_stage(ctx, stage, plan[stage.name], manifests)
+        seconds[stage.name] = time.perf_counter() - start
+        if stage is stages[0]:
+            plan = make_plan(ctx, stages, len(dataset_classes(ctx.store, manifests[stage.name])))
+        if stage.name == "synthesis":
+            return seconds
+    raise RuntimeError("no synthesis stage")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", nargs="+", required=True)
+    p.add_argument("--store", default="/tmp/ddpipe-synth")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--keep", action="store_true", help="keep earlier run folders (default: start each fresh)")
+    args = p.parse_args()
+    out = {"overrides": args.overrides, "methods": []}
+    for path in args.config:
+        cfg = load_config(path, [f"store.uri={args.store}", *args.overrides])
+        folder = Path(args.store) / cfg.run_name
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        seconds = run_until_synthesis(cfg)
+        own = [s.name for s in METHODS[cfg.method.name]]
+        images = cfg.method.ipc * len(context_for(cfg).source.classes)
+        method_seconds = sum(seconds[s] for s in own)
+        out["methods"].append({
+            "config": path, "method": cfg.method.name, "images": images, "stages": {k: round(v, 2) for k, v in seconds.items()},
+            "method_seconds": round(method_seconds, 2), "seconds_per_image": round(method_seconds / images, 4),
+        })
+    base = out["methods"][0]["seconds_per_image"]
+    for m in out["methods"]:
+        m["ratio_to_first"] = round(m["seconds_per_image"] / base, 2)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
