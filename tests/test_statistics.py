@@ -38,13 +38,13 @@ def test_merged_shards_equal_the_whole_slice_at_once(trained_teacher):
         got = merged[name]["channel"]
         assert got.n == x.shape[0] * x.shape[2] * x.shape[3]
         torch.testing.assert_close(got.mean, mu, rtol=1e-6, atol=1e-8)
-        torch.testing.assert_close(got.var, var, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(got.var, var, rtol=1e-5, atol=1e-6)
         pvar, pmu = torch.var_mean(patch_grid(x, 4), dim=(0, 1, 3, 5), correction=0)
         torch.testing.assert_close(merged[name]["patch"].mean, pmu.flatten(), rtol=1e-6, atol=1e-8)
-        torch.testing.assert_close(merged[name]["patch"].var, pvar.flatten(), rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(merged[name]["patch"].var, pvar.flatten(), rtol=1e-5, atol=1e-6)
         # the G-VBSM reference's estimator, the mean of per-batch variances, would fail the check above
         batches = [torch.var(x[s : s + 64], dim=(0, 2, 3), correction=0) * len(x[s : s + 64]) for s in range(0, 600, 64)]
-        assert not torch.allclose(sum(batches) / 600, var, rtol=1e-5)
+        assert not torch.allclose(sum(batches) / 600, var, rtol=1e-5, atol=1e-6)
 
 
 def test_patch_grid_rounds_sides_up_to_multiples_of_the_patch():

@@ -9,10 +9,13 @@ For every ``nn.Conv2d`` of a teacher, at its *input* (G-VBSM Sec. 3.3, Eq. 9):
 
 plus every ``nn.BatchNorm2d``'s running mean and variance, read from the teacher.
 
-Collection is sharded over the training images. A shard keeps, per statistic, the count, the mean and the
-sum of squared deviations (float64); :func:`merge` joins shards with Chan et al.'s pairwise formula, so the
-merged variance is the pooled variance of all images (not a mean of batch variances, as the G-VBSM
-reference code computes it) and equals a single pass over all images up to float rounding.
+Collection is sharded over the training images. Within a shard every batch adds its count, sum and sum of
+squares (float32 per batch, accumulated in float64; a variance far smaller than the squared mean, such as a
+near-constant background patch, keeps about 4 significant digits); the shard keeps, per statistic, the
+count, the mean and the sum of squared deviations (float64). :func:`merge` joins shards with Chan et al.'s
+pairwise formula, so the merged variance is the pooled variance of all images (not a mean of batch
+variances, as the G-VBSM reference code computes it) and equals a single pass over all images up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -67,9 +70,6 @@ class Moments:
     def __init__(self, n: float = 0.0, mean: torch.Tensor | None = None, m2: torch.Tensor | None = None):
         self.n, self.mean, self.m2 = n, mean, m2
 
-    def add(self, n: float, mean: torch.Tensor, var: torch.Tensor) -> None:
-        self.merge(Moments(float(n), mean.detach().double().cpu(), var.detach().double().cpu() * n))
-
     def merge(self, other: "Moments") -> None:
         if other.n == 0:
             return
@@ -94,23 +94,51 @@ class Moments:
         return cls(float(state["n"]), state["mean"], state["m2"])
 
 
+def batch_sums(x: torch.Tensor, patch: int) -> tuple[tuple, tuple]:
+    """(count, sum, sum of squares) per channel and per patch position of one batch. Float32 reductions over the
+    leading dimensions of contiguous memory (several times faster than ``var_mean`` over strided ones)."""
+    b, c, h, w = x.shape
+    xx = x * x
+    channel = (b * h * w, x.sum((0, 2, 3)), xx.sum((0, 2, 3)))
+    if h % patch or w % patch:  # resize up to multiples of the patch first
+        g = patch_grid(x, patch)
+        h, w = g.shape[2] * patch, g.shape[4] * patch
+        x = g.reshape(b, c, h, w)
+        xx = x * x
+    blocks = (h // patch, patch, w // patch, patch)
+    s1 = x.sum((0, 1)).view(blocks).sum((1, 3)).flatten()
+    s2 = xx.sum((0, 1)).view(blocks).sum((1, 3)).flatten()
+    return channel, (b * c * patch * patch, s1, s2)
+
+
 class ConvInputRecorder:
-    """Forward pre-hooks on every conv input that add the batch's channel and patch moments."""
+    """Forward pre-hooks on every conv input that add the batch's per-channel and per-patch count, sum and sum of
+    squares (accumulated in float64); :meth:`moments` turns them into :class:`Moments`."""
 
     def __init__(self, model: nn.Module, patch: int):
         self.patch = patch
-        self.moments: dict[str, dict[str, Moments]] = {}
+        self.sums: dict[str, dict[str, list]] = {}
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in conv_layers(model)]
 
     def _hook(self, name: str):
         def hook(module, inputs):
-            x = inputs[0].float()
-            b, c, h, w = x.shape
-            slot = self.moments.setdefault(name, {"channel": Moments(), "patch": Moments()})
-            slot["channel"].add(b * h * w, *channel_moments(x))
-            slot["patch"].add(b * c * self.patch * self.patch, *patch_moments(x, self.patch))
+            slot = self.sums.setdefault(name, {"channel": [0.0, 0.0, 0.0], "patch": [0.0, 0.0, 0.0]})
+            for kind, (n, s1, s2) in zip(("channel", "patch"), batch_sums(inputs[0].float(), self.patch)):
+                acc = slot[kind]
+                acc[0] += n
+                acc[1] = acc[1] + s1.double()
+                acc[2] = acc[2] + s2.double()
 
         return hook
+
+    def moments(self) -> dict[str, dict[str, "Moments"]]:
+        out = {}
+        for name, kinds in self.sums.items():
+            out[name] = {}
+            for kind, (n, s1, s2) in kinds.items():
+                mean = (s1 / n).cpu()
+                out[name][kind] = Moments(n, mean, (s2.cpu() - s1.cpu() * mean).clamp_min(0.0))
+        return out
 
     def close(self) -> None:
         for h in self.handles:
@@ -132,7 +160,7 @@ def collect(model: nn.Module, split: Split, indices: np.ndarray, patch: int, bat
                 progress(done, total)
     finally:
         recorder.close()
-    return recorder.moments
+    return recorder.moments()
 
 
 def merge(parts: list[dict[str, dict[str, Moments]]]) -> dict[str, dict[str, Moments]]:
