@@ -19,11 +19,11 @@ import torch
 
 from ddpipe.augment import generator
 from ddpipe.config import load_config
-from ddpipe.data import open_source
 from ddpipe.models import init_model
+from ddpipe.pipeline import context_for
 from ddpipe.rded import cut_images, draw_candidates, score_class, scoring_inputs
 from ddpipe.teacher import Teacher
-from ddpipe.train import autocast, batch_to, resolve_device, to_device
+from ddpipe.train import autocast, batch_to, to_device
 
 
 def main() -> None:
@@ -33,10 +33,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
-    device = resolve_device(cfg.runtime.device)
-    if cfg.runtime.num_threads:
-        torch.set_num_threads(cfg.runtime.num_threads)
-    source = open_source(cfg)
+    ctx = context_for(cfg)  # the device (after runtime.num_threads) and the data, as the stages get them
+    device, source = ctx.device, ctx.source
     model = to_device(init_model(cfg.teacher.model, cfg.channels, source.num_classes, cfg.image_size, 0), device,
                       cfg.runtime).eval()
     mean, std = cfg.normalization

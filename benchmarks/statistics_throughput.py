@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from ddpipe.config import load_config
-from ddpipe.data import normalize, open_source
+from ddpipe.data import normalize
 from ddpipe.models import init_model
+from ddpipe.pipeline import context_for
 from ddpipe.statistics import collect
-from ddpipe.train import batch_to, resolve_device, to_device
+from ddpipe.train import batch_to, to_device
 
 
 def main() -> None:
@@ -34,10 +35,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
-    device = resolve_device(cfg.runtime.device)
-    if cfg.runtime.num_threads:
-        torch.set_num_threads(cfg.runtime.num_threads)
-    source = open_source(cfg)
+    ctx = context_for(cfg)  # the device (after runtime.num_threads) and the data, as the stages get them
+    device, source = ctx.device, ctx.source
     st, (mean, std) = cfg.statistics, cfg.normalization
     idx = np.arange(min(args.images, len(source.train)))
     inputs = [normalize(source.train.batch(idx[s : s + st.batch_size]), mean, std) for s in range(0, len(idx), st.batch_size)]

@@ -16,30 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import time
 from pathlib import Path
 
 from ddpipe.config import load_config
-from ddpipe.methods import METHODS, stages_for
-from ddpipe.pipeline import context_for, make_plan, prepare, run_stage
-from ddpipe.stages import dataset_classes
-
-
-def run_until_synthesis(cfg) -> dict[str, float]:
-    ctx = context_for(cfg)
-    stages = stages_for(cfg)
-    prepare(ctx)
-    manifests, seconds = {}, {}
-    plan = {stages[0].name: stages[0].plan(ctx, 0)}
-    for stage in stages:
-        start = time.perf_counter()
-        manifests[stage.name] = run_stage(ctx, stage, plan[stage.name], manifests)
-        seconds[stage.name] = time.perf_counter() - start
-        if stage is stages[0]:
-            plan = make_plan(ctx, stages, len(dataset_classes(ctx.store, manifests[stage.name])))
-        if stage.name == "synthesis":
-            return seconds
-    raise RuntimeError("no synthesis stage")
+from ddpipe.methods import METHODS
+from ddpipe.pipeline import context_for
+from ddpipe.runner import run_stages
 
 
 def main() -> None:
@@ -55,7 +37,7 @@ def main() -> None:
         folder = Path(args.store) / cfg.run_name
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-        seconds = run_until_synthesis(cfg)
+        _, seconds = run_stages(cfg, until="synthesis")
         own = [s.name for s in METHODS[cfg.method.name]]
         images = cfg.method.ipc * len(context_for(cfg).source.classes)
         method_seconds = sum(seconds[s] for s in own)

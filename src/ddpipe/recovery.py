@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpipe.augment import crop_resize, random_boxes
+from ddpipe.augment import crop_resize, quantize, random_boxes
 from ddpipe.config import CurriculumConfig, RunConfig
 from ddpipe.statistics import bn_layers, channel_moments, conv_layers, patch_moments
 
@@ -178,7 +178,6 @@ def recover(cfg: RunConfig, teachers: list[tuple[nn.Module, dict]], classes: tor
             else:
                 scale = rc.crop_scale
             xa = augment_batch(x, scale, rc.crop == "sample", rc.flip, rc.jitter, gen)
-            matcher.terms = []
             logits = model(xa)
             ce = F.cross_entropy(logits, y)
             match = matcher.take().to(device)
@@ -203,5 +202,5 @@ def recover(cfg: RunConfig, teachers: list[tuple[nn.Module, dict]], classes: tor
             m.close()
     m_ = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s_ = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    pixels = ((x.detach() * s_ + m_) * 255.0).round().clamp(0, 255).to(torch.uint8).cpu()
+    pixels = quantize((x.detach() * s_ + m_) * 255.0).cpu()
     return pixels, info

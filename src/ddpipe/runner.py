@@ -16,8 +16,9 @@ from ddpipe.methods import stages_for
 from ddpipe.stages import dataset_classes
 
 
-def run_pipeline(cfg: RunConfig) -> dict:
-    """Run (or resume) every stage of ``cfg`` and return the report."""
+def run_stages(cfg: RunConfig, until: str | None = None) -> tuple[dict[str, StageManifest], dict[str, float]]:
+    """Run (or resume) the stages of ``cfg`` in order, up to and including ``until`` (default: all of them);
+    returns each stage's manifest and seconds."""
     ctx = context_for(cfg)
     stages = stages_for(cfg)
     prepare(ctx)
@@ -30,4 +31,12 @@ def run_pipeline(cfg: RunConfig) -> dict:
         if stage is stages[0]:  # the dataset stage knows the classes: now every stage can be planned
             plan = make_plan(ctx, stages, len(dataset_classes(ctx.store, manifests[stage.name])))
         timings[stage.name] = time.perf_counter() - start
-    return write_report(ctx, manifests, timings)
+        if stage.name == until:
+            break
+    return manifests, timings
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    """Run (or resume) every stage of ``cfg`` and return the report."""
+    manifests, timings = run_stages(cfg)
+    return write_report(context_for(cfg), manifests, timings)

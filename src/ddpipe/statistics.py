@@ -177,9 +177,7 @@ def merge(parts: list[dict[str, dict[str, Moments]]]) -> dict[str, dict[str, Mom
 def moments_bytes(moments: dict[str, dict[str, Moments]]) -> bytes:
     """A shard's partial moments, serialised (float64)."""
     state = {layer: {kind: m.state() for kind, m in kinds.items()} for layer, kinds in moments.items()}
-    buf = io.BytesIO()
-    torch.save({"format": STATISTICS_FORMAT + "+moments", "moments": state}, buf)
-    return buf.getvalue()
+    return statistics_bytes({"format": STATISTICS_FORMAT + "+moments", "moments": state})
 
 
 def read_moments(data: bytes) -> dict[str, dict[str, Moments]]:
