@@ -96,8 +96,11 @@ def test_same_config_and_seed_give_identical_outputs_in_another_store(finished, 
     assert mine.keys() == theirs.keys() and mine == theirs
 
 
-def test_memory_store(tmp_path):
-    cfg = smoke_config(f"memory://ddpipe-{tmp_path.name}", *FAST, "evaluation.regimes=[hard]")
+def test_memory_store_and_a_run_without_the_baseline_students(tmp_path):
+    cfg = smoke_config(f"memory://ddpipe-{tmp_path.name}", *FAST, "evaluation.regimes=[hard]", "evaluation.baseline=false")
     report = run_pipeline(cfg)
     store = run_store(cfg)
-    assert store.exists("report.json") and report["regimes"]["hard"]["distilled"]["mean"] > 0
+    hard = report["regimes"]["hard"]
+    assert store.exists("report.json") and hard["distilled"]["mean"] > 0
+    assert hard["random"]["mean"] is None and hard["improvement_over_random"] is None and hard["steps"] > 0
+    assert store.list("evaluation") == ["distilled-hard-seed0.json"]

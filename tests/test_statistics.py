@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from ddpipe.statistics import (
-    collect, conv_layers, global_statistics, merge, moments_bytes, patch_grid, read_moments, read_statistics,
+    CLOSED_FORM_MAX_PIXELS, batch_sums, collect, conv_layers, global_statistics, merge, moments_bytes, patch_grid, read_moments, read_statistics,
     statistics_bytes,
 )
 
@@ -45,6 +45,24 @@ def test_merged_shards_equal_the_whole_slice_at_once(trained_teacher):
         # the G-VBSM reference's estimator, the mean of per-batch variances, would fail the check above
         batches = [torch.var(x[s : s + 64], dim=(0, 2, 3), correction=0) * len(x[s : s + 64]) for s in range(0, 600, 64)]
         assert not torch.allclose(sum(batches) / 600, var, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_sums_of_resized_maps_equal_those_of_the_resized_batch(trained_teacher):
+    """Maps that are not multiples of the patch: the closed form (small maps) and the resize (large ones)
+    both give the sums of the explicitly resized maps; channel sums are those of the map itself."""
+    cfg, source, _ = trained_teacher
+    images = source.train.batch(np.arange(40)).float()  # [40, 1, 28, 28] real images
+    x = torch.cat([images, images.flip(-1), 1 - images], dim=1)  # 3 channels
+    for side in (1, 2, 7, 14, 18):  # 18 x 18 > CLOSED_FORM_MAX_PIXELS: resized batch
+        m = torch.nn.functional.adaptive_avg_pool2d(x, side)
+        (n, c1, c2), (pn, p1, p2) = batch_sums(m, 4)
+        assert (side * side <= CLOSED_FORM_MAX_PIXELS) == (side < 18)
+        g = patch_grid(m.double(), 4)
+        assert n == 40 * side * side and pn == 40 * 3 * 16
+        torch.testing.assert_close(c1.double(), m.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(c2.double(), (m.double() ** 2).sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(p1.double(), g.sum((0, 1, 3, 5)).flatten(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(p2.double(), (g**2).sum((0, 1, 3, 5)).flatten(), rtol=1e-5, atol=1e-4)
 
 
 def test_patch_grid_rounds_sides_up_to_multiples_of_the_patch():

@@ -13,8 +13,8 @@ Schema (all accuracies are fractions in [0, 1]):
   "regimes": {
     "<hard|soft|soft_kd>": {
       "distilled": {"mean": 0.8, "std": 0.01, "values": [...]},   # one value per seed
-      "random":    {"mean": 0.7, "std": 0.01, "values": [...]},
-      "improvement_over_random": 0.1,                                # DD-Ranking's IOR
+      "random":    {"mean": 0.7, "std": 0.01, "values": [...]},   # mean null when evaluation.baseline is off
+      "improvement_over_random": 0.1,                                # DD-Ranking's IOR (null without baseline)
       "steps": 600                                                   # student steps of each run
     }
   },
@@ -42,8 +42,10 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
         for set_name in ("distilled", "random"):
             rows = sorted((r for r in results if r["regime"] == regime and r["set"] == set_name), key=lambda r: r["seed"])
             entry[set_name] = summarize([r["top1"] for r in rows])
-            entry["steps"] = rows[0]["steps"] if rows else None
-        entry["improvement_over_random"] = entry["distilled"]["mean"] - entry["random"]["mean"]
+            if rows:
+                entry["steps"] = rows[0]["steps"]
+        d, r = entry["distilled"]["mean"], entry["random"]["mean"]
+        entry["improvement_over_random"] = None if d is None or r is None else d - r
         regimes[regime] = entry
     label_files = [f for f in stage_files(store, manifests["labels"]) if f.path.startswith("distilled/")]
     label_bytes = sum(f.bytes for f in label_files)
@@ -88,6 +90,9 @@ def results_table(report: dict) -> str:
     def cell(s):
         return f"{100 * s['mean']:6.2f} ± {100 * s['std']:5.2f}" if s["mean"] is not None else "   n/a"
 
+    def delta(d):
+        return f"{100 * d:+7.2f}" if d is not None else "    n/a"
+
     lines = [
         f"{report['method']} {report['dataset']} ipc={report['ipc']}  teacher top-1 "
         f"{100 * report['teacher']['val_accuracy']:.2f}%  labels {report['labels']['bytes']} bytes",
@@ -95,6 +100,6 @@ def results_table(report: dict) -> str:
     ]
     for regime, e in report["regimes"].items():
         lines.append(
-            f"{regime:<9} {cell(e['distilled']):>16} {cell(e['random']):>16} {100 * e['improvement_over_random']:+7.2f}"
+            f"{regime:<9} {cell(e['distilled']):>16} {cell(e['random']):>16} {delta(e['improvement_over_random'])}"
         )
     return "\n".join(lines)

@@ -384,7 +384,7 @@ def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
     ev = ctx.cfg.evaluation
     return [
         Shard(id=f"{s}-{r}-seed{seed}", set=s, regime=r, seed=seed)
-        for r in ev.regimes for seed in ev.seeds for s in SETS
+        for r in ev.regimes for seed in ev.seeds for s in SETS if s == "distilled" or ev.baseline
     ]
 
 

@@ -10,7 +10,7 @@ For every ``nn.Conv2d`` of a teacher, at its *input* (G-VBSM Sec. 3.3, Eq. 9):
 plus every ``nn.BatchNorm2d``'s running mean and variance, read from the teacher.
 
 Collection is sharded over the training images. Within a shard every batch adds its count, sum and sum of
-squares (float32 per batch, accumulated in float64; a variance far smaller than the squared mean, such as a
+squares (float32 products, float64 sums; a variance far smaller than the squared mean, such as a
 near-constant background patch, keeps about 4 significant digits); the shard keeps, per statistic, the
 count, the mean and the sum of squared deviations (float64). :func:`merge` joins shards with Chan et al.'s
 pairwise formula, so the merged variance is the pooled variance of all images (not a mean of batch
@@ -95,20 +95,67 @@ class Moments:
 
 
 def batch_sums(x: torch.Tensor, patch: int) -> tuple[tuple, tuple]:
-    """(count, sum, sum of squares) per channel and per patch position of one batch. Float32 reductions over the
-    leading dimensions of contiguous memory (several times faster than ``var_mean`` over strided ones)."""
+    """(count, sum, sum of squares) per channel and per patch position of one batch.
+
+    The batch is reduced first, to per-(channel, pixel) float64 sums and sums of squares (:func:`_sums`);
+    channel and patch sums are then sums of those small [C, H, W] tensors. A map that is not a multiple of the patch has the patch statistics of
+    its bilinear resize (:func:`patch_grid`), computed in closed form when the map is small (see
+    :func:`_resized_sums`) instead of resizing the batch."""
     b, c, h, w = x.shape
-    xx = x * x
-    channel = (b * h * w, x.sum((0, 2, 3)), xx.sum((0, 2, 3)))
-    if h % patch or w % patch:  # resize up to multiples of the patch first
-        g = patch_grid(x, patch)
-        h, w = g.shape[2] * patch, g.shape[4] * patch
-        x = g.reshape(b, c, h, w)
-        xx = x * x
-    blocks = (h // patch, patch, w // patch, patch)
-    s1 = x.sum((0, 1)).view(blocks).sum((1, 3)).flatten()
-    s2 = xx.sum((0, 1)).view(blocks).sum((1, 3)).flatten()
-    return channel, (b * c * patch * patch, s1, s2)
+    s1, s2 = _sums(x)  # [C, H, W]
+    channel = (b * h * w, s1.sum((1, 2)), s2.sum((1, 2)))
+    hh, ww = math.ceil(h / patch) * patch, math.ceil(w / patch) * patch
+    if (hh, ww) == (h, w):
+        p1, p2 = s1.sum(0), s2.sum(0)
+    elif h * w <= CLOSED_FORM_MAX_PIXELS:
+        p1, p2 = _resized_sums(x, s1.sum(0), hh, ww)
+    else:
+        y = patch_grid(x, patch).reshape(b, c, hh, ww)
+        p1, p2 = (t.sum(0) for t in _sums(y))
+    blocks = (hh // patch, patch, ww // patch, patch)
+    return channel, (b * c * patch * patch, p1.reshape(blocks).sum((1, 3)).flatten(), p2.reshape(blocks).sum((1, 3)).flatten())
+
+
+def _sums(x: torch.Tensor, chunk_values: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x.sum(0)`` and ``(x * x).sum(0)``, accumulated in float64, over ~1 MB chunks of the batch: the
+    squares stay in cache and no float64 copy of the batch is made (several times faster on CPU than
+    squaring or converting the whole batch; float32 sums of many equal background pixels drift)."""
+    s1 = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
+    s2 = torch.zeros_like(s1)
+    for part in x.split(max(1, chunk_values // max(1, x[0].numel()))):
+        s1 += part.sum(0, dtype=torch.float64)
+        s2 += (part * part).sum(0, dtype=torch.float64)
+    return s1, s2
+
+
+CLOSED_FORM_MAX_PIXELS = 256  # maps up to 16 x 16: the Gram matrix below costs less than resizing the batch
+GRAM_CHUNK_ROWS = 2048
+
+
+def _resized_sums(x: torch.Tensor, pixel_sums: torch.Tensor, hh: int, ww: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel sums over (batch, channel) of the bilinear resize of ``x`` to hh x ww, and of its square,
+    without resizing: the resize is a linear map K [hh*ww, h*w] of each (image, channel) map z, so the sums
+    are K (sum z) and diag(K G K^T) with G = sum z z^T, one [h*w, h*w] matrix product over the batch.
+    ``pixel_sums`` is sum z, [H, W] (float64)."""
+    b, c, h, w = x.shape
+    k = _resize_matrix(h, w, hh, ww, x.device)
+    z = x.reshape(b * c, h * w)
+    gram = sum((part.t() @ part).double() for part in z.split(GRAM_CHUNK_ROWS))  # float32 products, float64 sum
+    return (k @ pixel_sums.flatten()).view(hh, ww), ((k @ gram) * k).sum(1).view(hh, ww)
+
+
+_RESIZE_MATRICES: dict = {}
+
+
+def _resize_matrix(h: int, w: int, hh: int, ww: int, device) -> torch.Tensor:
+    """The matrix (float64) of ``F.interpolate(size=(hh, ww), mode="bilinear", align_corners=False)`` on h x w
+    maps."""
+    key = (h, w, hh, ww, str(device))
+    if key not in _RESIZE_MATRICES:
+        basis = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
+        k = F.interpolate(basis, size=(hh, ww), mode="bilinear", align_corners=False).view(h * w, hh * ww)
+        _RESIZE_MATRICES[key] = k.t().contiguous().to(device)
+    return _RESIZE_MATRICES[key]
 
 
 class ConvInputRecorder:
@@ -126,8 +173,8 @@ class ConvInputRecorder:
             for kind, (n, s1, s2) in zip(("channel", "patch"), batch_sums(inputs[0].float(), self.patch)):
                 acc = slot[kind]
                 acc[0] += n
-                acc[1] = acc[1] + s1.double()
-                acc[2] = acc[2] + s2.double()
+                acc[1] = acc[1] + s1
+                acc[2] = acc[2] + s2
 
         return hook
 
