@@ -62,7 +62,7 @@ def test_cad_scores_match_a_direct_computation():
     rng = np.random.default_rng(0)
     values = rng.random((7, 5))  # 7 checkpoints, 5 samples
     window, last = 3, 2  # windows start at 0..4; the last two start at 3 and 4
-    direct = [(np.std(values[3:6, i]) + np.std(values[4:7, i])) / 2 for i in range(5)]
+    direct = [(np.std(values[3:6, i], ddof=1) + np.std(values[4:7, i], ddof=1)) / 2 for i in range(5)]
     assert cad_scores(values, window, last) == pytest.approx(direct)
     with pytest.raises(ValueError, match="W=6"):
         cad_scores(values, window, 6)

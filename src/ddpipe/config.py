@@ -189,13 +189,58 @@ class RecoveryConfig(_Section):
     )
 
 
+class SelectionConfig(_Section):
+    """Coreset selection of real images (herding, kcenter, el2n, forgetting, cad) and CA2D's candidate pool.
+
+    herding and kcenter work on the primary teacher's penultimate features of each class's images. el2n,
+    forgetting, cad and ca2d read training dynamics: ``seeds`` proxy models trained on the full training set
+    with the teacher's recipe, every training sample recorded (EL2N, correct or not) at ``checkpoints``
+    evenly spaced steps."""
+
+    proxy: ModelSpec | None = Field(None, description="Architecture of the dynamics proxies (default: the teacher's).")
+    steps: int | Literal["matched"] = Field(
+        "matched", description="Training steps of each proxy. matched: the samples the downstream students see "
+        "(evaluation steps x student batch) divided by the proxy batch size, CAD-Prune's compute-matched budget "
+        "(under an epoch at small ipc)."
+    )
+    batch_size: int = Field(256, ge=1, description="Proxy training batch size.")
+    checkpoints: int = Field(8, ge=2, description="K: checkpoints per proxy run, evenly spaced, the last at the end.")
+    seeds: int = Field(1, ge=1, description="Proxy runs (different seeds); scores are averaged over them.")
+    window: int = Field(6, ge=2, description="cad: J, checkpoints per sliding window (paper, ImageNet-1K: 6).")
+    last: int = Field(2, ge=1, description="cad: W, how many of the last windows are averaged (paper: 2).")
+    el2n_checkpoint: int = Field(
+        1, ge=1, description="el2n: which checkpoint (1 = the first) gives the score, 'early in training'."
+    )
+    keep: Literal["largest", "smallest"] = Field(
+        "largest", description="el2n, forgetting, cad: keep the samples with the largest (hardest) or smallest scores."
+    )
+
+    @model_validator(mode="after")
+    def _windows(self):
+        if self.window > self.checkpoints:
+            raise ValueError(f"window ({self.window}) must not exceed checkpoints ({self.checkpoints})")
+        if self.last > self.checkpoints - self.window + 1:
+            raise ValueError(f"last ({self.last}) exceeds the {self.checkpoints - self.window + 1} windows of "
+                             f"{self.window} among {self.checkpoints} checkpoints")
+        if self.el2n_checkpoint > self.checkpoints:
+            raise ValueError(f"el2n_checkpoint ({self.el2n_checkpoint}) exceeds checkpoints ({self.checkpoints})")
+        return self
+
+
+SELECTIONS = ("random", "herding", "kcenter", "el2n", "forgetting", "cad")
+DYNAMICS_METHODS = ("el2n", "forgetting", "cad", "ca2d")
+
+
 class MethodConfig(_Section):
     """The distillation method and its settings.
 
     rded: Sun et al. CVPR'24, Algorithm 1 (scoring + stitching). sre2l, cda, gvbsm: recovery from noise against
-    the teachers' statistics (the ``recovery`` sub-section)."""
+    the teachers' statistics (the ``recovery`` sub-section). random, herding, kcenter, el2n, forgetting, cad:
+    coreset selections of whole real images (the ``selection`` sub-section; cad is CAD-Prune). ca2d: RDED with
+    the candidate pool chosen by CAD-Prune instead of at random."""
 
-    name: Literal["rded", "sre2l", "cda", "gvbsm"] = Field("rded", description="Distillation method.")
+    name: Literal["rded", "sre2l", "cda", "gvbsm", "random", "herding", "kcenter", "el2n", "forgetting", "cad", "ca2d"] = Field(
+        "rded", description="Distillation method.")
     ipc: int = Field(10, ge=1, description="Images per class in the distilled set.")
     candidates_per_class: int = Field(
         300, ge=1, description="|T'_c|: images drawn at random per class before scoring (paper: 300)."
@@ -215,11 +260,24 @@ class MethodConfig(_Section):
     )
     batch_size: int = Field(512, ge=1, description="Teacher batch size while scoring crops.")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="sre2l, cda, gvbsm: recovery settings.")
+    selection: SelectionConfig = Field(
+        default_factory=SelectionConfig, description="Coreset selections and ca2d: proxies, checkpoints, CAD windows."
+    )
 
     @property
     def recovers(self) -> bool:
         """True for the methods that recover images from noise (sre2l, cda, gvbsm)."""
-        return self.name != "rded"
+        return self.name in ("sre2l", "cda", "gvbsm")
+
+    @property
+    def stitches(self) -> bool:
+        """True for the methods that score crops and stitch them (rded, ca2d): factor and candidates apply."""
+        return self.name in ("rded", "ca2d")
+
+    @property
+    def selects(self) -> bool:
+        """True for the coreset selections of whole real images (random, herding, kcenter, el2n, forgetting, cad)."""
+        return self.name in SELECTIONS
 
 
 class StatisticsConfig(_Section):
@@ -354,8 +412,8 @@ class RunConfig(_Section):
         if self.method.factor is not None and self.method.factor > self.image_size:
             raise ValueError("method.factor cannot exceed the image size")
         need = self.patches_per_class
-        if self.method.factor is not None and self.method.factor > 1 and self.method.recovers:
-            raise ValueError(f"method.factor applies to rded only (method.name={self.method.name})")
+        if self.method.factor is not None and self.method.factor > 1 and not self.method.stitches:
+            raise ValueError(f"method.factor applies to rded and ca2d only (method.name={self.method.name})")
         if self.method.recovers:
             for k, spec in enumerate(self.teacher_models):
                 if spec.name == "convnet" and spec.norm != "batch":
@@ -363,7 +421,7 @@ class RunConfig(_Section):
                     raise ValueError(f"method {self.method.name} matches BatchNorm statistics: {where} needs norm: batch")
         if self.labels.ensemble and not self.teacher.ensemble:
             raise ValueError("labels.ensemble needs at least one backbone in teacher.ensemble")
-        if not self.method.recovers and self.method.candidates_per_class < need:
+        if self.method.stitches and self.method.candidates_per_class < need:
             raise ValueError(
                 f"method.candidates_per_class ({self.method.candidates_per_class}) must be at least factor^2 x ipc "
                 f"({need})"
@@ -391,7 +449,7 @@ class RunConfig(_Section):
 
     @property
     def factor(self) -> int:
-        if self.method.recovers:
+        if not self.method.stitches:
             return 1
         return self.method.factor or (1 if self.image_size <= 64 else 2)
 

@@ -14,7 +14,8 @@ Training-dynamics scores work on what a model trained on the full set did with e
   consecutive presentations (Toneva et al. 2019); a sample never classified correctly counts as forgotten
   at every presentation (the paper's convention: such samples are the most "forgettable");
 - :func:`cad_scores`: CAD-Prune's compute-aware difficulty, the standard deviation of each sample's EL2N
-  over a sliding window of J consecutive checkpoints, averaged over the last W windows.
+  over a sliding window of J consecutive checkpoints (unbiased, as Dynamic Uncertainty), averaged over the
+  last W windows (the last one ends at the last checkpoint).
 
 All functions are deterministic given their inputs (ties go to the lowest index).
 """
@@ -76,7 +77,7 @@ def forgetting_events(correct: np.ndarray) -> np.ndarray:
 
 
 def cad_scores(el2n_by_checkpoint: np.ndarray, window: int, last: int) -> np.ndarray:
-    """CAD-Prune scores from ``el2n_by_checkpoint`` [checkpoints, n]: the standard deviation (population)
+    """CAD-Prune scores from ``el2n_by_checkpoint`` [checkpoints, n]: the unbiased standard deviation
     of each sample's EL2N over every window of ``window`` consecutive checkpoints, averaged over the last
     ``last`` windows."""
     values = np.asarray(el2n_by_checkpoint, dtype=np.float64)
@@ -86,7 +87,7 @@ def cad_scores(el2n_by_checkpoint: np.ndarray, window: int, last: int) -> np.nda
     windows = k - window + 1
     if not 1 <= last <= windows:
         raise ValueError(f"CAD last W={last} needs 1 <= W <= number of windows ({windows})")
-    stds = np.stack([values[s : s + window].std(0) for s in range(windows - last, windows)])
+    stds = np.stack([values[s : s + window].std(0, ddof=1) for s in range(windows - last, windows)])
     return stds.mean(0)
 
 

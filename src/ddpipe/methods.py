@@ -30,18 +30,23 @@ import pyarrow.compute as pc
 import torch
 
 from ddpipe import progress
-from ddpipe.augment import generator
+from ddpipe.augment import generator, seed_for
 from ddpipe.config import RunConfig
+from ddpipe.coreset import cad_scores, forgetting_events, herding, k_center_greedy, top_k
+from ddpipe.dynamics import dynamics_table, read_dynamics, record_dynamics
+from ddpipe.errors import DataError
 from ddpipe.manifests import stage_files
+from ddpipe.models import init_model
 from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
 from ddpipe.rded import score_class, selected_rows, stitch_class
 from ddpipe.recovery import recover
 from ddpipe.stages import (
     DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, class_groups, image_path, png_bytes, provenance_table,
-    teacher_files, teacher_of, write_image_set_class,
+    random_picks, teacher_files, teacher_of, write_image_set_class, write_real_images,
 )
 from ddpipe.statistics import collect, global_statistics, merge, moments_bytes, read_moments, read_statistics, statistics_bytes
-from ddpipe.store import FileRecord, sha256_bytes
+from ddpipe.store import FileRecord, sha256_bytes, table_bytes
+from ddpipe.train import penultimate_features, to_device
 
 # ---------------------------------------------------------------- RDED
 
@@ -51,7 +56,9 @@ def run_scoring(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     teacher = teacher_of(ctx, inputs)
     files = []
     for k, c in enumerate(shard.classes):
-        table = score_class(teacher, ctx.source.train, c, ctx.cfg, generator(ctx.cfg.seed, "scoring", c), ctx.device)
+        pool = cad_pool(ctx, c, inputs) if "dynamics" in inputs else None  # ca2d
+        table = score_class(teacher, ctx.source.train, c, ctx.cfg, generator(ctx.cfg.seed, "scoring", c), ctx.device,
+                            candidates=pool)
         files.append(ctx.store.write_table(f"scoring/class={c:05d}.parquet", table))
         progress.emit("step", "scoring", shard.id, k + 1, len(shard.classes))
     return files
@@ -210,11 +217,134 @@ _MOMENTS = Stage("moments", ("dataset", "teacher"), ("dataset", "statistics"), _
 _STATISTICS = Stage("statistics", ("dataset", "teacher", "moments"), ("dataset", "method", "statistics"),
                     _statistic_shards, run_statistics, doc="merge the moments exactly; add BN running statistics")
 
+# ---------------------------------------------------------------- coreset selections and CA2D
+
+
+def dynamics_steps(cfg: RunConfig, num_classes: int) -> int:
+    """Training steps of each dynamics proxy. ``matched``: the samples the downstream students see (evaluation
+    epochs x ipc x classes) in proxy batches, never fewer than the checkpoints."""
+    sel = cfg.method.selection
+    if sel.steps != "matched":
+        return max(sel.steps, sel.checkpoints)
+    seen = cfg.evaluation.epochs * cfg.method.ipc * num_classes
+    return max(sel.checkpoints, -(-seen // sel.batch_size))
+
+
+def _dynamics_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    return [Shard(id=f"seed{s}", seed=s) for s in range(ctx.cfg.method.selection.seeds)]
+
+
+def run_dynamics(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Train proxy ``shard.seed`` on the full training split and record every sample at each checkpoint.
+    Shared across runs in ``<store>/shared/dynamics`` (el2n, forgetting, cad and ca2d at one ipc use the same)."""
+    cfg, split = ctx.cfg, ctx.source.train
+    sel, t = cfg.method.selection, cfg.teacher
+    spec = sel.proxy or t.model
+    steps = dynamics_steps(cfg, ctx.source.num_classes)
+    recipe = {k: v for k, v in json.loads(cfg.section_json("teacher"))["teacher"].items()
+              if k in ("optim", "augment", "label_smoothing")}
+    key = sha256_bytes(json.dumps({
+        "data": split.fingerprint, "recipe": recipe, "proxy": spec.model_dump(mode="json"), "steps": steps,
+        "checkpoints": sel.checkpoints, "batch_size": sel.batch_size, "seed": [cfg.seed, shard.seed],
+        "code": code_hash("augment", "coreset", "data", "dynamics", "models", "train"),
+    }, sort_keys=True).encode())[:32]
+
+    def compute() -> dict[str, bytes]:
+        mean, std = cfg.normalization
+        model = init_model(spec, cfg.channels, ctx.source.num_classes, cfg.image_size,
+                           seed_for(cfg.seed, "dynamics", shard.seed, "init"))
+        model = to_device(model, ctx.device, cfg.runtime)
+        d = record_dynamics(
+            model, split, np.arange(len(split)), steps=steps, checkpoints=sel.checkpoints, batch_size=sel.batch_size,
+            optim=t.optim, augment=t.augment, label_smoothing=t.label_smoothing,
+            gen=generator(cfg.seed, "dynamics", shard.seed, "data"), mean=mean, std=std, device=ctx.device,
+            runtime=cfg.runtime, progress=progress.stepper("dynamics", shard.id, every=10),
+        )
+        return {"dynamics.parquet": table_bytes(dynamics_table(d, split.labels))}
+
+    data = shared_outputs(cfg, "dynamics", key, compute)["dynamics.parquet"]
+    return [ctx.store.write_bytes(f"dynamics/{shard.id}.parquet", data, rows=len(split))]
+
+
+def dynamics_scores(ctx: Context, inputs) -> np.ndarray:
+    """The method's score of every training sample (by split position), averaged over the proxy seeds:
+    el2n at ``selection.el2n_checkpoint``, forgetting events between consecutive checkpoints, or CAD
+    (cad, ca2d)."""
+    def compute():
+        sel, name = ctx.cfg.method.selection, ctx.cfg.method.name
+        total = np.zeros(len(ctx.source.train))
+        for s in _dynamics_shards(ctx, 0):
+            d = read_dynamics(ctx.store.read_table(f"dynamics/{s.id}.parquet"))
+            if name == "el2n":
+                score = d.el2n[sel.el2n_checkpoint - 1]
+            elif name == "forgetting":
+                score = forgetting_events(d.correct)
+            else:
+                score = cad_scores(d.el2n, sel.window, sel.last)
+            total[d.indices] += score
+        return total / sel.seeds
+
+    return ctx.cached(f"dynamics-scores:{inputs['dynamics'].sha256}", compute)
+
+
+def select_class(ctx: Context, c: int, inputs) -> tuple[np.ndarray, np.ndarray | None]:
+    """The ``ipc`` training images of class ``c`` the selection keeps (split positions, in order) and their
+    scores (none for random)."""
+    cfg, split = ctx.cfg, ctx.source.train
+    name, ipc = cfg.method.name, cfg.method.ipc
+    pool = split.class_indices(c)
+    if len(pool) < ipc:
+        raise DataError(f"class {c} has {len(pool)} training images, fewer than method.ipc={ipc}")
+    if name == "random":
+        return random_picks(cfg, split, c), None
+    if name in ("herding", "kcenter"):
+        mean, std = cfg.normalization
+        feats = penultimate_features(teacher_of(ctx, inputs).model, split, pool, mean, std, ctx.device, cfg.runtime)
+        order = herding(feats, ipc) if name == "herding" else k_center_greedy(feats, ipc)
+        return pool[order], None
+    scores = dynamics_scores(ctx, inputs)[pool]
+    order = top_k(scores, ipc, largest=cfg.method.selection.keep == "largest")
+    return pool[order], scores[order]
+
+
+def run_selection(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """A coreset selection for a class group: the kept real images, stored as the distilled set."""
+    files = []
+    for k, c in enumerate(shard.classes):
+        picks, scores = select_class(ctx, c, inputs)
+        files += write_real_images(ctx, "distilled", c, picks, scores)
+        progress.emit("step", "synthesis", shard.id, k + 1, len(shard.classes))
+    return files
+
+
+def cad_pool(ctx: Context, c: int, inputs) -> np.ndarray:
+    """CA2D's candidate pool of class ``c``: its ``candidates_per_class`` training images with the highest CAD."""
+    pool = ctx.source.train.class_indices(c)
+    scores = dynamics_scores(ctx, inputs)[pool]
+    return pool[top_k(scores, min(len(pool), ctx.cfg.method.candidates_per_class))]
+
+
+_DYNAMICS = Stage("dynamics", ("dataset",), ("dataset", "teacher", "method", "evaluation"), _dynamics_shards, run_dynamics,
+                  doc="train proxies on the full set; record each sample's EL2N and correctness at checkpoints")
+_SELECTION = Stage("synthesis", ("dataset", "teacher"), ("dataset", "method"), class_groups, run_selection,
+                   doc="keep ipc real images per class by the selection method")
+_DYNAMICS_SELECTION = Stage("synthesis", ("dataset", "teacher", "dynamics"), ("dataset", "method"), class_groups,
+                            run_selection, doc="keep ipc real images per class by their training-dynamics score")
+_CA2D_SCORING = Stage("scoring", ("dataset", "teacher", "dynamics"), ("dataset", "method"), class_groups, run_scoring,
+                      doc="CA2D: RDED's scoring on the candidate pool with the highest CAD")
+
 METHODS: dict[str, tuple[Stage, ...]] = {
     "rded": RDED,
     "sre2l": (_BN_STATISTICS, _RECOVERY, _ASSEMBLY),
     "cda": (_BN_STATISTICS, _RECOVERY, _ASSEMBLY),
     "gvbsm": (_MOMENTS, _STATISTICS, _RECOVERY, _ASSEMBLY),
+    "random": (_SELECTION,),
+    "herding": (_SELECTION,),
+    "kcenter": (_SELECTION,),
+    "el2n": (_DYNAMICS, _DYNAMICS_SELECTION),
+    "forgetting": (_DYNAMICS, _DYNAMICS_SELECTION),
+    "cad": (_DYNAMICS, _DYNAMICS_SELECTION),
+    "ca2d": (_DYNAMICS, _CA2D_SCORING, RDED[1]),
 }
 
 

@@ -96,8 +96,9 @@ def crop_losses(teacher: Teacher, inputs: torch.Tensor, target: int, cfg: RunCon
     return torch.cat(out)
 
 
-def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator):
-    """The random pre-selection T'_c of class ``c`` and K crop boxes per candidate.
+def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator, candidates: np.ndarray | None = None):
+    """The random pre-selection T'_c of class ``c`` (or the given ``candidates``, CA2D's pool) and K crop boxes
+    per candidate.
 
     Returns (candidate split indices [n], their uint8 images, int64 boxes [n * K, 4] grouped by candidate).
     """
@@ -108,7 +109,8 @@ def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator):
         raise DataError(
             f"class {c} has {len(pool)} training images, fewer than factor^2 x ipc = {need} (method.ipc={m.ipc})"
         )
-    candidates = pool[torch.randperm(len(pool), generator=gen)[: m.candidates_per_class].numpy()]
+    if candidates is None:
+        candidates = pool[torch.randperm(len(pool), generator=gen)[: m.candidates_per_class].numpy()]
     images = [split.image(int(i)) for i in candidates]
     k = m.crops_per_image
     # One draw per image size (a single one for fixed-size data), in order of first appearance: per-image draws
@@ -123,9 +125,11 @@ def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator):
     return candidates, images, boxes
 
 
-def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: torch.Generator, device) -> pa.Table:
-    """RDED stage 1 for class ``c``: one row per candidate image (its best crop), ranked by realism score."""
-    candidates, images, boxes = draw_candidates(split, c, cfg, gen)
+def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: torch.Generator, device,
+                candidates: np.ndarray | None = None) -> pa.Table:
+    """RDED stage 1 for class ``c``: one row per candidate image (its best crop), ranked by realism score.
+    ``candidates`` replaces the random pre-selection (CA2D)."""
+    candidates, images, boxes = draw_candidates(split, c, cfg, gen, candidates)
     n, k = len(candidates), cfg.method.crops_per_image
     patches = cut_images(images, torch.arange(n).repeat_interleave(k), boxes, cfg.image_size // cfg.factor)
     losses = crop_losses(teacher, scoring_inputs(patches, cfg), c, cfg, device).view(n, k)

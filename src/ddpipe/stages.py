@@ -273,23 +273,33 @@ def check_teacher_checkpoint(cfg, classes: list[str]) -> None:
 # ---------------------------------------------------------------- random subset, labels, evaluation
 
 
+def random_picks(cfg, split, c: int) -> np.ndarray:
+    """The random subset's ``ipc`` training images of class ``c`` (split positions)."""
+    pool = split.class_indices(c)
+    return pool[torch.randperm(len(pool), generator=generator(cfg.seed, "random", c))[: cfg.method.ipc].numpy()]
+
+
+def write_real_images(ctx: Context, set_name: str, c: int, picks, scores=None) -> list[FileRecord]:
+    """Whole training images ``picks`` of class ``c`` (centre-cropped, resized), stored as image set
+    ``set_name`` with their provenance (``scores``: the selection score of each, or none)."""
+    split, size = ctx.source.train, ctx.cfg.image_size
+    images, rows = [], []
+    for j, i in enumerate(picks):
+        native = split.image(int(i))
+        h, w = native.shape[1:]
+        side = min(h, w)
+        images.append(resize_center(native, size))
+        rows.append({"ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": int(i),
+                     "source_id": split.source_id(int(i)), "top": (h - side) // 2, "left": (w - side) // 2,
+                     "height": side, "width": side, "score": None if scores is None else float(scores[j])})
+    return write_image_set_class(ctx.store, set_name, c, torch.stack(images), rows)
+
+
 def run_random_subset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     """The baseline: ``ipc`` real images per class drawn at random, stored like a distilled set."""
-    split, size = ctx.source.train, ctx.cfg.image_size
     files = []
     for c in shard.classes:
-        pool = split.class_indices(c)
-        picks = pool[torch.randperm(len(pool), generator=generator(ctx.cfg.seed, "random", c))[: ctx.cfg.method.ipc].numpy()]
-        images, rows = [], []
-        for j, i in enumerate(picks):
-            native = split.image(int(i))
-            h, w = native.shape[1:]
-            side = min(h, w)
-            images.append(resize_center(native, size))
-            rows.append({"ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": int(i),
-                         "source_id": split.source_id(int(i)), "top": (h - side) // 2, "left": (w - side) // 2,
-                         "height": side, "width": side, "score": None})
-        files += write_image_set_class(ctx.store, "random", c, torch.stack(images), rows)
+        files += write_real_images(ctx, "random", c, random_picks(ctx.cfg, ctx.source.train, c))
     return files
 
 

@@ -14,16 +14,16 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ddpipe.augment import Augmenter, generator, seed_for
+from ddpipe.augment import generator, seed_for
 from ddpipe.config import ModelSpec, RunConfig
-from ddpipe.data import DataSource, normalize
+from ddpipe.data import DataSource
 from ddpipe.errors import CheckpointError, ClassMapMismatchError
 from ddpipe.models import build_model, init_model
-from ddpipe.train import Fitter, accuracy, autocast, batch_to, maybe_compile, to_device
+from ddpipe.train import accuracy, fit_classifier, to_device
 
 CHECKPOINT_FORMAT = "ddpipe-teacher/1"
 
@@ -50,34 +50,13 @@ def train_teacher(cfg: RunConfig, source: DataSource, device: torch.device,
     stream = ("teacher",) if member == 0 else ("teacher", f"member{member}")
     model = init_model(spec, cfg.channels, source.num_classes, cfg.image_size, seed_for(cfg.seed, *stream, "init"))
     model = to_device(model, device, cfg.runtime)
-    gen = generator(cfg.seed, *stream, "data")
-    aug = Augmenter(t.augment, gen)
     mean, std = cfg.normalization
-    steps_per_epoch = math.ceil(len(split) / t.batch_size)
-    total = max(1, round(t.epochs * steps_per_epoch))
-    fitter = Fitter(model, t.optim, total)
-    model.train()
-    net = maybe_compile(model, cfg.runtime)
-    step = 0
-    while step < total:
-        order = torch.randperm(len(split), generator=gen).numpy()
-        for images, labels in split.batches(order, t.batch_size, cfg.runtime.loader_workers):
-            x = batch_to(aug.views(normalize(images, mean, std)), device, cfg.runtime)
-            y = labels.to(device)
-            x, perm, lam = aug.cutmix(x)
-            with autocast(device, cfg.runtime):
-                logits = net(x).float()
-            loss = lam * F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-            if lam < 1.0:
-                loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm.to(device)], label_smoothing=t.label_smoothing)
-            fitter.step(loss)
-            step += 1
-            if progress:
-                progress(step, total)
-            if step >= total:
-                break
-    model.eval()
-    return model
+    total = max(1, round(t.epochs * math.ceil(len(split) / t.batch_size)))
+    return fit_classifier(
+        model, split, np.arange(len(split)), batch_size=t.batch_size, optim=t.optim, augment=t.augment,
+        label_smoothing=t.label_smoothing, total_steps=total, gen=generator(cfg.seed, *stream, "data"), mean=mean,
+        std=std, device=device, runtime=cfg.runtime, on_step=(lambda step: progress(step, total)) if progress else None,
+    )
 
 
 def checkpoint_bytes(model: nn.Module, cfg: RunConfig, source: DataSource, spec: ModelSpec, val_accuracy: float) -> bytes:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ddpipe.config import OptimConfig, RuntimeConfig
+from ddpipe.config import AugmentConfig, OptimConfig, RuntimeConfig
 from ddpipe.data import Split, normalize
 
 
@@ -107,6 +109,41 @@ class Fitter:
         self.sched.step()
 
 
+def fit_classifier(model: nn.Module, split: Split, indices: np.ndarray, *, batch_size: int, optim: OptimConfig,
+                   augment: AugmentConfig, label_smoothing: float, total_steps: int, gen: torch.Generator, mean, std,
+                   device, runtime: RuntimeConfig, on_step: Callable[[int], None] | None = None) -> nn.Module:
+    """Train ``model`` (already on ``device``) with cross-entropy on ``split[indices]`` for ``total_steps``
+    steps, reshuffling every pass; ``on_step(step)`` runs after each step (the model is back in train mode
+    after it). The teacher and the training-dynamics proxies both train here."""
+    from ddpipe.augment import Augmenter
+
+    aug = Augmenter(augment, gen)
+    fitter = Fitter(model, optim, total_steps)
+    model.train()
+    net = maybe_compile(model, runtime)
+    step = 0
+    indices = np.asarray(indices)
+    while step < total_steps:
+        order = indices[torch.randperm(len(indices), generator=gen).numpy()]
+        for images, labels in split.batches(order, batch_size, runtime.loader_workers):
+            x = batch_to(aug.views(normalize(images, mean, std)), device, runtime)
+            y = labels.to(device)
+            x, perm, lam = aug.cutmix(x)
+            with autocast(device, runtime):
+                logits = net(x).float()
+            loss = lam * F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            if lam < 1.0:
+                loss = loss + (1 - lam) * F.cross_entropy(logits, y[perm.to(device)], label_smoothing=label_smoothing)
+            fitter.step(loss)
+            step += 1
+            if on_step:
+                on_step(step)
+                model.train()
+            if step >= total_steps:
+                break
+    return model.eval()
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device, runtime) -> torch.Tensor:
     """Logits (float32, on CPU) for normalised inputs ``x``, in batches."""
@@ -116,6 +153,26 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device, r
         with autocast(device, runtime):
             out.append(model(batch_to(x[s : s + batch_size], device, runtime)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, split: Split, indices, mean, std, device, runtime: RuntimeConfig,
+                         batch_size: int = 1000) -> torch.Tensor:
+    """The input of ``model``'s last ``nn.Linear`` (its penultimate features, float32 on CPU) for every image
+    of ``split[indices]``."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError(f"{model.__class__.__name__} has no linear layer to take penultimate features from")
+    seen: list[torch.Tensor] = []
+    handle = linear[-1].register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[0].detach().float().cpu()))
+    model.eval()
+    try:
+        for images, _ in split.batches(np.asarray(indices), batch_size, runtime.loader_workers):
+            with autocast(device, runtime):
+                model(batch_to(normalize(images, mean, std), device, runtime))
+    finally:
+        handle.remove()
+    return torch.cat(seen).flatten(1) if seen else torch.empty(0)
 
 
 @torch.no_grad()

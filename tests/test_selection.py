@@ -1,0 +1,87 @@
+"""Coreset selections, training dynamics and CA2D through the pipeline, on the smoke slice."""
+
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ddpipe.coreset import cad_scores, herding, top_k
+from ddpipe.data import open_source
+from ddpipe.dynamics import checkpoint_steps, read_dynamics
+from ddpipe.methods import dynamics_steps
+from ddpipe.pipeline import run_store
+from ddpipe.runner import run_pipeline, run_stages
+from ddpipe.train import penultimate_features
+
+from conftest import smoke_config
+
+FAST = ("evaluation.epochs=5", "evaluation.seeds=[0]", "evaluation.regimes=[hard]")
+
+
+def test_checkpoint_steps_spread_over_the_run():
+    assert checkpoint_steps(100, 4) == [25, 50, 75, 100]
+    assert checkpoint_steps(3, 8) == [1, 2, 3]  # fewer steps than checkpoints: every step
+
+
+def test_matched_budget_equals_the_students_samples(tmp_path):
+    cfg = smoke_config(tmp_path, "method.name=cad", "evaluation.epochs=40", "method.selection.batch_size=50")
+    assert dynamics_steps(cfg, 10) == 40 * 2 * 10 // 50  # epochs x ipc x classes / proxy batch
+    assert dynamics_steps(smoke_config(tmp_path, "method.selection.steps=3"), 10) == 8  # at least one per checkpoint
+
+
+def test_cad_keeps_the_top_scores_of_each_class_and_shares_dynamics_with_el2n(tmp_path):
+    store = tmp_path / "runs"
+    cfg = smoke_config(store, "method.name=cad", *FAST)
+    report = run_pipeline(cfg)
+    folder = Path(run_store(cfg).root)
+    d = read_dynamics(pq.read_table(folder / "dynamics/seed0.parquet"))
+    assert d.el2n.shape == (8, 1000) and list(d.steps) == checkpoint_steps(dynamics_steps(cfg, 10), 8)
+    assert d.correct[-1].mean() > d.correct[0].mean()  # the proxy learns
+    scores = np.zeros(1000)
+    scores[d.indices] = cad_scores(d.el2n, 6, 2)
+    source = open_source(cfg)
+    for c in (0, 7):
+        pool = source.train.class_indices(c)
+        rows = pq.read_table(folder / f"distilled/provenance/class={c:05d}.parquet").to_pylist()
+        assert [r["source_index"] for r in rows] == [int(pool[i]) for i in top_k(scores[pool], 2)]
+        assert [r["score"] for r in rows] == pytest.approx([scores[r["source_index"]] for r in rows], rel=1e-6)
+    assert report["regimes"]["hard"]["distilled"]["mean"] > 0.1
+
+    # el2n at the same ipc and budget reuses the trained proxy (training would fail here)
+    with mock.patch("ddpipe.methods.record_dynamics", side_effect=AssertionError("retrained")):
+        other = smoke_config(store, "method.name=el2n", *FAST)
+        run_stages(other, "synthesis")
+    again = pq.read_table(Path(run_store(other).root) / "dynamics/seed0.parquet")
+    assert again.equals(pq.read_table(folder / "dynamics/seed0.parquet"))
+
+
+def test_ca2d_scores_the_cad_pool_and_herding_follows_the_teacher_features(tmp_path):
+    store = tmp_path / "runs"
+    cfg = smoke_config(store, "method.name=ca2d", "method.candidates_per_class=20", *FAST)
+    run_stages(cfg, "synthesis")
+    folder = Path(run_store(cfg).root)
+    d = read_dynamics(pq.read_table(folder / "dynamics/seed0.parquet"))
+    scores = np.zeros(1000)
+    scores[d.indices] = cad_scores(d.el2n, 6, 2)
+    pool = open_source(cfg).train.class_indices(4)
+    scored = pq.read_table(folder / "scoring/class=00004.parquet").to_pylist()
+    assert sorted(r["source_index"] for r in scored) == sorted(int(pool[i]) for i in top_k(scores[pool], 20))
+    assert sum(r["selected"] for r in scored) == 2
+
+    # herding: the teacher's penultimate features of the class, then the greedy choice
+    cfg = smoke_config(store, "method.name=herding", *FAST)
+    run_stages(cfg, "synthesis")
+    folder = Path(run_store(cfg).root)
+    from ddpipe.teacher import load_teacher
+
+    source = open_source(cfg)
+    teacher = load_teacher((folder / "teacher/teacher.pt").read_bytes(), "teacher.pt", source.classes, cfg,
+                           torch.device("cpu"))
+    pool = source.train.class_indices(4)
+    mean, std = cfg.normalization
+    feats = penultimate_features(teacher.model, source.train, pool, mean, std, torch.device("cpu"), cfg.runtime)
+    rows = pq.read_table(folder / "distilled/provenance/class=00004.parquet").to_pylist()
+    assert [r["source_index"] for r in rows] == [int(pool[i]) for i in herding(feats, 2)]
