@@ -43,6 +43,14 @@ def test_student_training_is_deterministic_per_seed(setup):
     assert a == b and a["top1"] != c["top1"]
 
 
+def test_a_step_budget_replaces_the_epochs(setup, tmp_path):
+    _, source, teacher, data = setup
+    cfg = smoke_config(tmp_path, "evaluation.epochs=30", "evaluation.steps=7", "evaluation.batch_size=20")
+    seen = []
+    train_student(cfg, "hard", data, 10, 0, CPU, progress=lambda step, total: seen.append((step, total)))
+    assert seen[-1] == (7, 7) and len(seen) == 7  # 2.5 epochs of 3 batches of 20 (the last of 10 images)
+
+
 def test_regimes_need_their_labels(setup):
     cfg, source, teacher, data = setup
     bare = ImageSet(images=data.images, classes=data.classes)

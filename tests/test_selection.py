@@ -85,3 +85,16 @@ def test_ca2d_scores_the_cad_pool_and_herding_follows_the_teacher_features(tmp_p
     feats = penultimate_features(teacher.model, source.train, pool, mean, std, torch.device("cpu"), cfg.runtime)
     rows = pq.read_table(folder / "distilled/provenance/class=00004.parquet").to_pylist()
     assert [r["source_index"] for r in rows] == [int(pool[i]) for i in herding(feats, 2)]
+
+
+def test_random_baseline_students_are_trained_once_per_store(tmp_path):
+    """A herding run after an RDED run in the same store, same students: the random-subset students are
+    reused (only the distilled set's student trains), and give the same accuracy."""
+    import ddpipe.stages
+
+    store = tmp_path / "runs"
+    first = run_pipeline(smoke_config(store, *FAST))
+    with mock.patch.object(ddpipe.stages, "evaluate", wraps=ddpipe.stages.evaluate) as trained:
+        second = run_pipeline(smoke_config(store, "method.name=herding", *FAST))
+    assert trained.call_count == 1
+    assert second["regimes"]["hard"]["random"] == first["regimes"]["hard"]["random"]

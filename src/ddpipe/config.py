@@ -326,6 +326,10 @@ class EvaluationConfig(_Section):
         "was already measured (same data, teacher, labels, ipc and students): halves the evaluation time.",
     )
     epochs: int = Field(300, ge=1, description="Passes over the distilled set (same step count for the random subset).")
+    steps: int | None = Field(
+        None, ge=1, description="A fixed budget of student steps (batches), the same for every set and method; "
+        "overrides epochs when set."
+    )
     batch_size: int | None = Field(
         None, ge=1, description="Student batch size (default as RDED: 10 for ipc 1, 50 for ipc <= 10, else 100; "
         "at most the set size)."

@@ -57,6 +57,14 @@ def student_batch_size(cfg: RunConfig, n: int) -> int:
     return min(n, 10 if ipc == 1 else 50 if ipc <= 10 else 100)
 
 
+def student_steps(cfg: RunConfig, n: int) -> int:
+    """Training steps of a student on ``n`` images: ``evaluation.steps`` when set (a budget matched across
+    sets and methods), else ``evaluation.epochs`` passes."""
+    if cfg.evaluation.steps:
+        return cfg.evaluation.steps
+    return cfg.evaluation.epochs * math.ceil(n / student_batch_size(cfg, n))
+
+
 def sample_regions(data: ImageSet, n: int, region_views: bool, gen: torch.Generator) -> torch.Tensor:
     """Which region each of ``n`` samples shows: 0 (the whole image) unless the images are stitched and
     ``region_views`` is on, then one grid cell (1..f^2) uniformly at random."""
@@ -111,15 +119,16 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
     aug = Augmenter(ev.augment, gen)
     n = len(data)
     bs = student_batch_size(cfg, n)
-    steps_per_epoch = math.ceil(n / bs)
-    total = ev.epochs * steps_per_epoch
+    total = student_steps(cfg, n)
     fitter = Fitter(student, ev.optim, total)
     size = data.images.shape[-1]
     region_boxes = torch.tensor(data.regions) if data.regions else None
     step = 0
-    for _ in range(ev.epochs):
+    while step < total:
         order = torch.randperm(n, generator=gen)
         for s in range(0, n, bs):
+            if step >= total:
+                break
             idx = order[s : s + bs]
             x = data.images[idx].float()
             r = sample_regions(data, len(idx), ev.region_views, gen)
@@ -165,7 +174,7 @@ def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, se
         "top1": round(top1, 6),
         "images": len(data),
         "batch_size": bs,
-        "steps": cfg.evaluation.epochs * math.ceil(len(data) / bs),
+        "steps": student_steps(cfg, len(data)),
         "test_images": len(source.test),
     }
 

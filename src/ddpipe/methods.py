@@ -35,6 +35,7 @@ from ddpipe.config import RunConfig
 from ddpipe.coreset import cad_scores, forgetting_events, herding, k_center_greedy, top_k
 from ddpipe.dynamics import dynamics_table, read_dynamics, record_dynamics
 from ddpipe.errors import DataError
+from ddpipe.evaluate import student_batch_size, student_steps
 from ddpipe.manifests import stage_files
 from ddpipe.models import init_model
 from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
@@ -221,12 +222,13 @@ _STATISTICS = Stage("statistics", ("dataset", "teacher", "moments"), ("dataset",
 
 
 def dynamics_steps(cfg: RunConfig, num_classes: int) -> int:
-    """Training steps of each dynamics proxy. ``matched``: the samples the downstream students see (evaluation
-    epochs x ipc x classes) in proxy batches, never fewer than the checkpoints."""
+    """Training steps of each dynamics proxy. ``matched``: the samples the downstream students see (their steps x
+    batch size) in proxy batches, never fewer than the checkpoints."""
     sel = cfg.method.selection
     if sel.steps != "matched":
         return max(sel.steps, sel.checkpoints)
-    seen = cfg.evaluation.epochs * cfg.method.ipc * num_classes
+    n = cfg.method.ipc * num_classes
+    seen = student_steps(cfg, n) * student_batch_size(cfg, n)
     return max(sel.checkpoints, -(-seen // sel.batch_size))
 
 

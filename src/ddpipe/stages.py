@@ -351,12 +351,36 @@ def run_evaluation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
         f"set:{shard.set}:{with_labels}:{inputs['labels'].sha256}",
         lambda: load_image_set(ctx, shard.set, num_classes, with_labels),
     )
-    result = evaluate(ctx.cfg, shard.regime, data, ctx.source, shard.seed, ctx.device,
-                      label_model(ctx, inputs) if shard.regime == "soft_kd" else None,
-                      progress.stepper("evaluation", shard.id, every=20))
-    result["set"] = shard.set
+
+    def compute() -> dict[str, bytes]:
+        result = evaluate(ctx.cfg, shard.regime, data, ctx.source, shard.seed, ctx.device,
+                          label_model(ctx, inputs) if shard.regime == "soft_kd" else None,
+                          progress.stepper("evaluation", shard.id, every=20))
+        result["set"] = shard.set
+        return {"result.json": json.dumps(result, indent=1, sort_keys=True).encode()}
+
     rel = f"evaluation/{shard.id}.json"
-    return [ctx.store.write_bytes(rel, json.dumps(result, indent=1, sort_keys=True).encode())]
+    if shard.set == "random":  # the same baseline student for every method run with the same inputs and recipe
+        out = shared_outputs(ctx.cfg, "baselines", baseline_key(ctx, shard, inputs), compute)
+    else:
+        out = compute()
+    return [ctx.store.write_bytes(rel, out["result.json"])]
+
+
+def baseline_key(ctx: Context, shard: Shard, inputs) -> str:
+    """What a random-subset student depends on: the subset's images and labels, the teachers (online KD),
+    the test split, the student recipe, the regime and seed, and the code."""
+    cfg = ctx.cfg
+    files = [f for f in stage_files(ctx.store, inputs["random_subset"])]
+    files += [f for f in stage_files(ctx.store, inputs["labels"]) if f.path.startswith("random/")]
+    files += [f for f in stage_files(ctx.store, inputs["teacher"]) if f.path.endswith(".pt")]
+    payload = {
+        "files": sorted((f.path, f.sha256) for f in files), "test": ctx.source.test.fingerprint,
+        "sections": json.loads(cfg.section_json("evaluation", "labels")), "ipc": cfg.method.ipc, "seed": cfg.seed,
+        "regime": shard.regime, "student": shard.seed,
+        "code": code_hash("augment", "data", "evaluate", "labels", "models", "teacher", "train"),
+    }
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
 
 
 def preflight(cfg) -> None:
