@@ -45,3 +45,59 @@ def test_augmenter_is_seeded_and_cutmix_reports_the_kept_share():
 def test_seed_for_is_stable():
     assert seed_for(0, "scoring", 3) == seed_for(0, "scoring", 3) != seed_for(0, "scoring", 4)
     assert 0 <= seed_for(0, "x") < 2**63
+
+
+def real_batch(n=8):
+    from conftest import smoke_config
+    from ddpipe.data import normalize, open_source
+
+    cfg = smoke_config("/tmp/unused")
+    source = open_source(cfg)
+    mean, std = cfg.normalization
+    return normalize(source.train.batch(torch.arange(n) * 97), mean, std)
+
+
+def test_dsa_crop_translates_with_zero_fill_and_cutout_zeroes_one_half_side_square():
+    from ddpipe.augment import dsa
+
+    x = real_batch()
+    out = dsa(x, generator(0), "crop")
+    for a, b in zip(x, out):  # some shift within 4 px (12.5 % of 28) explains the output exactly
+        padded = F.pad(a, (4, 4, 4, 4))
+        assert any(torch.equal(padded[:, 4 - dy : 32 - dy, 4 - dx : 32 - dx], b) for dy in range(-4, 5) for dx in range(-4, 5))
+    out = dsa(x, generator(0), "cutout")
+    for a, b in zip(x, out):
+        changed = (a != b)[0]
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        assert (b[:, changed] == 0).all() and len(rows) <= 14 and len(cols) <= 14
+        assert changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].float().mean() > 0.5
+
+
+def test_dsa_is_seeded_and_each_op_changes_the_batch():
+    from ddpipe.augment import DSA_OPS, dsa
+
+    x = real_batch()
+    for op in DSA_OPS:
+        a, b = dsa(x, generator(1), op), dsa(x, generator(1), op)
+        assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x), op
+    chosen = {op: 0 for op in DSA_OPS}
+    for k in range(60):  # one op per batch, drawn first, then that op's parameters
+        gen = generator(3, k)
+        op = DSA_OPS[int(torch.randint(len(DSA_OPS), (1,), generator=gen))]
+        assert torch.equal(dsa(x, generator(3, k)), dsa(x, gen, op))
+        chosen[op] += 1
+    assert all(v > 0 for v in chosen.values())
+
+
+def test_mixup_blends_the_batch_with_its_partners():
+    x = real_batch()
+    aug = Augmenter(AugmentConfig(mixup=1.0, mixup_alpha=0.8), generator(4))
+    lams = []
+    for _ in range(20):
+        mixed, perm, lam = aug.mix(x)
+        assert 0.0 < lam < 1.0
+        torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+        lams.append(lam)
+    assert len(set(lams)) == 20
+    again = Augmenter(AugmentConfig(mixup=1.0, mixup_alpha=0.8), generator(4))
+    assert again.mix(x)[2] == lams[0]

@@ -13,6 +13,7 @@ import hashlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from ddpipe.config import AugmentConfig
@@ -97,14 +98,66 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return x.round().clamp_(0, 255).to(torch.uint8)
 
 
+DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+def dsa(x: torch.Tensor, gen: torch.Generator, op: str | None = None) -> torch.Tensor:
+    """Differentiable Siamese Augmentation as the DC/DSA evaluation applies it (``ParamDiffAug``, mode 'S'):
+    one op of color / crop / cutout / flip / scale / rotate, chosen per batch (or ``op``), with per-image
+    parameters: brightness +-0.5, saturation x[0, 2], contrast x[0.5, 1.5]; translation by up to 12.5 % of
+    the side (zero fill); a cutout square of half the side; flip with p 0.5; scale x[1/1.2, 1.2] per axis;
+    rotation +-15 degrees."""
+    n, c, h, w = x.shape
+    if op is None:
+        op = DSA_OPS[int(torch.randint(len(DSA_OPS), (1,), generator=gen))]
+    dev = x.device
+    if op == "color":
+        x = x + (torch.rand(n, 1, 1, 1, generator=gen).to(dev) - 0.5)
+        mean = x.mean(dim=1, keepdim=True)
+        x = (x - mean) * (torch.rand(n, 1, 1, 1, generator=gen).to(dev) * 2.0) + mean
+        mean = x.mean(dim=[1, 2, 3], keepdim=True)
+        return (x - mean) * (torch.rand(n, 1, 1, 1, generator=gen).to(dev) + 0.5) + mean
+    if op == "crop":
+        sy, sx = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
+        ty = torch.randint(-sy, sy + 1, (n,), generator=gen)
+        tx = torch.randint(-sx, sx + 1, (n,), generator=gen)
+        padded = F.pad(x, (sx, sx, sy, sy))
+        rows = (torch.arange(h).view(1, h) + sy - ty.view(n, 1)).to(dev)  # output row i shows input row i - ty
+        cols = (torch.arange(w).view(1, w) + sx - tx.view(n, 1)).to(dev)
+        idx = torch.arange(n, device=dev).view(n, 1, 1)
+        return padded.permute(0, 2, 3, 1)[idx, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
+    if op == "cutout":
+        ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
+        cy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), generator=gen).to(dev)
+        cx = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), generator=gen).to(dev)
+        ys, xs = torch.arange(h, device=dev).view(1, h, 1), torch.arange(w, device=dev).view(1, 1, w)
+        inside = (ys >= cy - ch // 2) & (ys < cy - ch // 2 + ch) & (xs >= cx - cw // 2) & (xs < cx - cw // 2 + cw)
+        return x * (~inside).unsqueeze(1).to(x.dtype)
+    if op == "flip":
+        flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    theta = torch.zeros(n, 2, 3)
+    if op == "scale":
+        theta[:, 0, 0] = torch.rand(n, generator=gen) * (1.2 - 1 / 1.2) + 1 / 1.2
+        theta[:, 1, 1] = torch.rand(n, generator=gen) * (1.2 - 1 / 1.2) + 1 / 1.2
+    elif op == "rotate":
+        angle = (torch.rand(n, generator=gen) - 0.5) * 2 * 15 / 180 * math.pi
+        theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle), torch.sin(-angle)
+        theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle), torch.cos(angle)
+    else:
+        raise ValueError(f"unknown DSA op {op!r} (one of {', '.join(DSA_OPS)})")
+    grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, align_corners=True)
+
+
 class Augmenter:
-    """Applies an :class:`AugmentConfig` to float batches: random-resized crop, flip, CutMix."""
+    """Applies an :class:`AugmentConfig` to float batches: random-resized crop, flip, DSA, then CutMix or MixUp."""
 
     def __init__(self, cfg: AugmentConfig, gen: torch.Generator):
         self.cfg, self.gen = cfg, gen
 
     def views(self, x: torch.Tensor) -> torch.Tensor:
-        """Random-resized crop and flip, per image."""
+        """Random-resized crop and flip, per image; then one DSA op per batch when ``dsa`` is on."""
         n, _, h, w = x.shape
         if self.cfg.crop_scale is not None:
             boxes = random_boxes(n, h, w, self.cfg.crop_scale, self.gen)
@@ -112,7 +165,22 @@ class Augmenter:
         if self.cfg.flip:
             flip = (torch.rand(n, generator=self.gen) < 0.5).to(x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if self.cfg.dsa:
+            x = dsa(x, self.gen)
         return x
+
+    def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """CutMix with probability ``cfg.cutmix``, else MixUp with probability ``cfg.mixup``: returns (mixed,
+        partner index, lam), lam = the share of x kept (the caller mixes the labels with the same lam)."""
+        mixed, perm, lam = self.cutmix(x)
+        if lam < 1.0 or self.cfg.mixup <= 0 or len(x) < 2:
+            return mixed, perm, lam
+        draw = torch.rand(1, generator=self.gen)
+        if float(draw[0]) >= self.cfg.mixup:
+            return x, perm, 1.0
+        # Beta(alpha, alpha) as the first coordinate of a Dirichlet draw (what torch.distributions.Beta samples), from gen
+        lam = float(torch._sample_dirichlet(torch.tensor([self.cfg.mixup_alpha] * 2, dtype=torch.float64), generator=self.gen)[0])
+        return lam * x + (1.0 - lam) * x[perm.to(x.device)], perm, lam
 
     def cutmix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """CutMix with probability ``cfg.cutmix``: returns (mixed, partner index, lam), lam = share of x kept."""
@@ -131,3 +199,4 @@ class Augmenter:
         mixed[:, :, y1:y2, x1:x2] = x[perm.to(x.device)][:, :, y1:y2, x1:x2]
         lam = 1.0 - (y2 - y1) * (x2 - x1) / (h * w)
         return mixed, perm, lam
+

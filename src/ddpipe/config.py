@@ -69,6 +69,14 @@ class AugmentConfig(_Section):
     )
     flip: bool = Field(False, description="Random horizontal flip with probability 0.5.")
     cutmix: float = Field(0.0, ge=0, le=1, description="Probability of CutMix (Beta(1,1), one box per batch).")
+    mixup: float = Field(
+        0.0, ge=0, le=1, description="Probability of MixUp (a batch that was not CutMix-ed), lam ~ Beta(alpha, alpha)."
+    )
+    mixup_alpha: float = Field(0.8, gt=0, description="MixUp's alpha (SRe2L/CDA evaluation: 0.8).")
+    dsa: bool = Field(
+        False, description="DSA (DC/DSA evaluation, mode S): one of color, crop, cutout, flip, scale, rotate per "
+        "batch with per-image parameters, after the crop and flip above."
+    )
 
     @field_validator("crop_scale")
     @classmethod

@@ -136,7 +136,7 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
                 x = crop_resize(x, region_boxes[r], size)
             target = data.soft[idx, r] if regime == "soft" else None
             x = batch_to(aug.views(normalize(x / 255.0, mean, std)), device, cfg.runtime)
-            x, perm, lam = aug.cutmix(x)
+            x, perm, lam = aug.mix(x)
             perm = perm.to(device)
             with autocast(device, cfg.runtime):
                 logits = net(x).float()

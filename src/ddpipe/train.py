@@ -128,7 +128,7 @@ def fit_classifier(model: nn.Module, split: Split, indices: np.ndarray, *, batch
         for images, labels in split.batches(order, batch_size, runtime.loader_workers):
             x = batch_to(aug.views(normalize(images, mean, std)), device, runtime)
             y = labels.to(device)
-            x, perm, lam = aug.cutmix(x)
+            x, perm, lam = aug.mix(x)
             with autocast(device, runtime):
                 logits = net(x).float()
             loss = lam * F.cross_entropy(logits, y, label_smoothing=label_smoothing)
