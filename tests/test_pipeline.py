@@ -104,3 +104,18 @@ def test_memory_store_and_a_run_without_the_baseline_students(tmp_path):
     assert store.exists("report.json") and hard["distilled"]["mean"] > 0
     assert hard["random"]["mean"] is None and hard["improvement_over_random"] is None and hard["steps"] > 0
     assert store.list("evaluation") == ["distilled-hard-seed0.json"]
+
+
+def test_cross_architecture_students_are_reported_per_architecture(tmp_path):
+    cfg = smoke_config(tmp_path / "runs", *FAST, "evaluation.regimes=[hard]",
+                       "evaluation.cross_models=[{name: resnet18_small}]")
+    report = run_pipeline(cfg)
+    store = run_store(cfg)
+    assert store.list("evaluation") == ["distilled-hard-seed0-student1.json", "distilled-hard-seed0.json",
+                                        "random-hard-seed0-student1.json", "random-hard-seed0.json"]
+    (cross,) = report["cross_architecture"]
+    assert cross["model"]["name"] == "resnet18_small"
+    main, other = report["regimes"]["hard"], cross["regimes"]["hard"]
+    assert other["distilled"]["mean"] > 0.1 and other["distilled"]["mean"] != main["distilled"]["mean"]
+    result = json.loads(store.read_bytes("evaluation/distilled-hard-seed0-student1.json"))
+    assert result["model"]["name"] == "resnet18_small" and result["student"] == 1

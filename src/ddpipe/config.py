@@ -323,6 +323,10 @@ class EvaluationConfig(_Section):
     """Training students from scratch on the distilled set and on a random subset of the same size."""
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="Student architecture (default ConvNet-3, width 128).")
+    cross_models: tuple[ModelSpec, ...] = Field(
+        (), description="More student architectures (cross-architecture evaluation), each trained with the same "
+        "recipe on both sets; reported per architecture next to the main student."
+    )
     regimes: tuple[Literal["hard", "soft", "soft_kd"], ...] = Field(
         ("hard", "soft", "soft_kd"),
         description="hard: cross-entropy on class labels; soft: KL to the stored soft labels; soft_kd: KL to the "

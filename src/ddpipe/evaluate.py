@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpipe.augment import Augmenter, crop_resize, generator, seed_for
-from ddpipe.config import RunConfig
+from ddpipe.config import ModelSpec, RunConfig
 from ddpipe.data import DataSource, normalize
 from ddpipe.models import init_model
 from ddpipe.train import Fitter, accuracy, autocast, batch_to, maybe_compile, to_device
@@ -99,9 +99,16 @@ def class_ce(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: flo
     return loss
 
 
+def student_models(cfg: RunConfig) -> tuple[ModelSpec, ...]:
+    """Every student architecture: ``evaluation.model`` (index 0), then ``evaluation.cross_models``."""
+    return (cfg.evaluation.model, *cfg.evaluation.cross_models)
+
+
 def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int, seed: int, device,
-                  teacher: nn.Module | None = None, progress: Callable[[int, int], None] | None = None) -> nn.Module:
-    """Train a fresh student on ``data`` under ``regime``; returns the model in eval mode."""
+                  teacher: nn.Module | None = None, progress: Callable[[int, int], None] | None = None,
+                  student_index: int = 0) -> nn.Module:
+    """Train a fresh student (architecture ``student_models(cfg)[student_index]``) on ``data`` under ``regime``;
+    returns the model in eval mode."""
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}")
     if regime == "soft" and data.soft is None:
@@ -110,7 +117,9 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
         raise ValueError("the soft_kd regime needs the teacher")
     ev = cfg.evaluation
     mean, std = cfg.normalization
-    student = init_model(ev.model, cfg.channels, num_classes, cfg.image_size, seed_for(cfg.seed, "student", seed))
+    spec = student_models(cfg)[student_index]
+    stream = ("student", seed) if student_index == 0 else ("student", seed, f"model{student_index}")
+    student = init_model(spec, cfg.channels, num_classes, cfg.image_size, seed_for(cfg.seed, *stream))
     student = to_device(student, device, cfg.runtime).train()
     net = maybe_compile(student, cfg.runtime)
     if teacher is not None:
@@ -162,15 +171,16 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
 
 
 def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, seed: int, device,
-             teacher: nn.Module | None = None, progress=None) -> dict:
+             teacher: nn.Module | None = None, progress=None, student_index: int = 0) -> dict:
     """Train one student and return its final top-1 on the test split (plus the recipe's step count)."""
-    student = train_student(cfg, regime, data, source.num_classes, seed, device, teacher, progress)
+    student = train_student(cfg, regime, data, source.num_classes, seed, device, teacher, progress, student_index)
     mean, std = cfg.normalization
     top1 = accuracy(student, source.test, mean, std, device, cfg.runtime, cfg.evaluation.test_batch_size)
     bs = student_batch_size(cfg, len(data))
     return {
         "regime": regime,
         "seed": seed,
+        "model": student_models(cfg)[student_index].model_dump(mode="json"),
         "top1": round(top1, 6),
         "images": len(data),
         "batch_size": bs,

@@ -64,6 +64,7 @@ class Shard(BaseModel):
     teacher: int | None = None  # index into RunConfig.teacher_models
     ipc: tuple[int, int] | None = None  # ipc indices [start, stop)
     images: tuple[int, int] | None = None  # training-image positions [start, stop)
+    student: int | None = None  # index into ddpipe.evaluate.student_models (0: evaluation.model)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ Schema (all accuracies are fractions in [0, 1]):
       "steps": 600                                                   # student steps of each run
     }
   },
+  "cross_architecture": [{"model": {"name": "resnet18_small", ...}, "regimes": {as above}}],  # evaluation.cross_models
   "stages": {"<stage>": {"seconds": 1.2, "shards": 5, "files": 10, "bytes": 1234}},
   "total_seconds": 12.3
 }
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import json
 
-from ddpipe.evaluate import summarize
+from ddpipe.evaluate import student_models, summarize
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import CODE_VERSION, Context
 
@@ -36,17 +37,9 @@ from ddpipe.pipeline import CODE_VERSION, Context
 def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
     cfg, store = ctx.cfg, ctx.store
     results = [json.loads(store.read_bytes(f.path)) for f in stage_files(store, manifests["evaluation"])]
-    regimes = {}
-    for regime in cfg.evaluation.regimes:
-        entry = {}
-        for set_name in ("distilled", "random"):
-            rows = sorted((r for r in results if r["regime"] == regime and r["set"] == set_name), key=lambda r: r["seed"])
-            entry[set_name] = summarize([r["top1"] for r in rows])
-            if rows:
-                entry["steps"] = rows[0]["steps"]
-        d, r = entry["distilled"]["mean"], entry["random"]["mean"]
-        entry["improvement_over_random"] = None if d is None or r is None else d - r
-        regimes[regime] = entry
+    regimes = regime_results(results, cfg.evaluation.regimes, student=0)
+    cross = [{"model": spec.model_dump(mode="json"), "regimes": regime_results(results, cfg.evaluation.regimes, k)}
+             for k, spec in enumerate(student_models(cfg)) if k > 0]
     label_files = [f for f in stage_files(store, manifests["labels"]) if f.path.startswith("distilled/")]
     label_bytes = sum(f.bytes for f in label_files)
     num_classes = store.read_table("dataset/classes.parquet").num_rows
@@ -70,12 +63,31 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
             "bytes": label_bytes, "bytes_per_image": label_bytes / max(1, n_images),
         },
         "regimes": regimes,
+        "cross_architecture": cross,
         "stages": {
             name: {"seconds": round(timings.get(name, 0.0), 3), "shards": m.shards, "files": m.files, "bytes": m.bytes}
             for name, m in manifests.items()
         },
         "total_seconds": round(sum(timings.values()), 3),
     }
+
+
+def regime_results(results: list[dict], regimes, student: int) -> dict:
+    """Per regime: the distilled set's and the random subset's accuracies over seeds for one student
+    architecture, and their difference (IOR)."""
+    out = {}
+    for regime in regimes:
+        entry = {}
+        for set_name in ("distilled", "random"):
+            rows = sorted((r for r in results if r["regime"] == regime and r["set"] == set_name
+                           and r.get("student", 0) == student), key=lambda r: r["seed"])
+            entry[set_name] = summarize([r["top1"] for r in rows])
+            if rows:
+                entry["steps"] = rows[0]["steps"]
+        d, r = entry["distilled"]["mean"], entry["random"]["mean"]
+        entry["improvement_over_random"] = None if d is None or r is None else d - r
+        out[regime] = entry
+    return out
 
 
 def write_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
@@ -93,13 +105,17 @@ def results_table(report: dict) -> str:
     def delta(d):
         return f"{100 * d:+7.2f}" if d is not None else "    n/a"
 
+    rows = [(regime, e) for regime, e in report["regimes"].items()] + [
+        (f"{c['model']['name']} {regime}", e) for c in report.get("cross_architecture", [])
+        for regime, e in c["regimes"].items()
+    ]
+    width = max([9] + [len(name) for name, _ in rows])
     lines = [
         f"{report['method']} {report['dataset']} ipc={report['ipc']}  teacher top-1 "
         f"{100 * report['teacher']['val_accuracy']:.2f}%  labels {report['labels']['bytes']} bytes",
-        f"{'regime':<9} {'distilled':>16} {'random':>16} {'Δ':>7}",
+        f"{'regime':<{width}} {'distilled':>16} {'random':>16} {'Δ':>7}",
     ]
-    for regime, e in report["regimes"].items():
-        lines.append(
-            f"{regime:<9} {cell(e['distilled']):>16} {cell(e['random']):>16} {delta(e['improvement_over_random'])}"
-        )
+    for name, e in rows:
+        lines.append(f"{name:<{width}} {cell(e['distilled']):>16} {cell(e['random']):>16} "
+                     f"{delta(e['improvement_over_random'])}")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ synthesis      class groups            ``distilled/images/CCCCC/classCCCCC_idJJJ
                                        ``distilled/provenance/class=CCCCC.parquet``
 random_subset  class groups            ``random/images/...png``, ``random/provenance/...parquet``
 labels         set x class groups      ``{distilled,random}/labels/class=CCCCC.parquet``
-evaluation     set x regime x seed     ``evaluation/{set}-{regime}-seed{S}.json``
+evaluation     set x regime x seed     ``evaluation/{set}-{regime}-seed{S}.json`` (main student),
+               (x student)             ``evaluation/{set}-{regime}-seed{S}-student{K}.json`` (cross_models)
 =============  ======================  =====================================================================
 """
 
@@ -32,7 +33,7 @@ from ddpipe import progress
 from ddpipe.augment import generator
 from ddpipe.data import resize_center
 from ddpipe.errors import CheckpointError, DataError, TeacherError
-from ddpipe.evaluate import ImageSet, evaluate
+from ddpipe.evaluate import ImageSet, evaluate, student_models
 from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
@@ -355,8 +356,9 @@ def run_evaluation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     def compute() -> dict[str, bytes]:
         result = evaluate(ctx.cfg, shard.regime, data, ctx.source, shard.seed, ctx.device,
                           label_model(ctx, inputs) if shard.regime == "soft_kd" else None,
-                          progress.stepper("evaluation", shard.id, every=20))
+                          progress.stepper("evaluation", shard.id, every=20), shard.student or 0)
         result["set"] = shard.set
+        result["student"] = shard.student or 0
         return {"result.json": json.dumps(result, indent=1, sort_keys=True).encode()}
 
     rel = f"evaluation/{shard.id}.json"
@@ -377,7 +379,7 @@ def baseline_key(ctx: Context, shard: Shard, inputs) -> str:
     payload = {
         "files": sorted((f.path, f.sha256) for f in files), "test": ctx.source.test.fingerprint,
         "sections": json.loads(cfg.section_json("evaluation", "labels")), "ipc": cfg.method.ipc, "seed": cfg.seed,
-        "regime": shard.regime, "student": shard.seed,
+        "regime": shard.regime, "student": shard.seed, "model": shard.student or 0,
         "code": code_hash("augment", "data", "evaluate", "labels", "models", "teacher", "train"),
     }
     return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
@@ -417,8 +419,9 @@ def _label_shards(ctx: Context, num_classes: int) -> list[Shard]:
 def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
     ev = ctx.cfg.evaluation
     return [
-        Shard(id=f"{s}-{r}-seed{seed}", set=s, regime=r, seed=seed)
-        for r in ev.regimes for seed in ev.seeds for s in SETS if s == "distilled" or ev.baseline
+        Shard(id=f"{s}-{r}-seed{seed}" + (f"-student{k}" if k else ""), set=s, regime=r, seed=seed, student=k)
+        for k in range(len(student_models(ctx.cfg))) for r in ev.regimes for seed in ev.seeds
+        for s in SETS if s == "distilled" or ev.baseline
     ]
 
 
