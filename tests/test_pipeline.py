@@ -1,6 +1,7 @@
 """The stages run as plain function calls (no orchestrator): outputs, resume, validation, determinism."""
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -106,13 +107,23 @@ def test_memory_store_and_a_run_without_the_baseline_students(tmp_path):
     assert store.list("evaluation") == ["distilled-hard-seed0.json"]
 
 
-def test_cross_architecture_students_are_reported_per_architecture(tmp_path):
-    cfg = smoke_config(tmp_path / "runs", *FAST, "evaluation.regimes=[hard]",
+def test_cross_architecture_students_and_the_full_set_reference(tmp_path):
+    cfg = smoke_config(tmp_path / "runs", *FAST, "evaluation.regimes=[hard]", "evaluation.full=true",
                        "evaluation.cross_models=[{name: resnet18_small}]")
     report = run_pipeline(cfg)
     store = run_store(cfg)
     assert store.list("evaluation") == ["distilled-hard-seed0-student1.json", "distilled-hard-seed0.json",
-                                        "random-hard-seed0-student1.json", "random-hard-seed0.json"]
+                                        "full-hard-seed0.json", "random-hard-seed0-student1.json",
+                                        "random-hard-seed0.json"]
+    full = json.loads(store.read_bytes("evaluation/full-hard-seed0.json"))
+    distilled = json.loads(store.read_bytes("evaluation/distilled-hard-seed0.json"))
+    assert full["images"] == 1000 and (full["steps"], full["batch_size"]) == (distilled["steps"], distilled["batch_size"])
+    hard = report["regimes"]["hard"]
+    hlr = report["scores"]["hard_label_recovery"]
+    assert hlr == pytest.approx(full["top1"] - distilled["top1"])
+    alpha = 0.5 * hard["improvement_over_random"] - 0.5 * hlr
+    expected = (math.exp(alpha) - math.exp(-1)) / (math.e - math.exp(-1))
+    assert report["scores"]["label_robust_score"]["hard"] == pytest.approx(expected)
     (cross,) = report["cross_architecture"]
     assert cross["model"]["name"] == "resnet18_small"
     main, other = report["regimes"]["hard"], cross["regimes"]["hard"]

@@ -333,6 +333,11 @@ class EvaluationConfig(_Section):
         "teacher's output on every augmented view.",
     )
     seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="One student per seed; mean and std reported.")
+    full: bool = Field(
+        False, description="Also train the main student on the whole training split with hard labels, with the "
+        "same batch size and step budget as on the ipc sets (matched compute): the reference of hard-label "
+        "recovery (HLR) and the label-robust score. The split is held in memory."
+    )
     baseline: bool = Field(
         True, description="Also train students on the random subset (the baseline). Off when the same baseline "
         "was already measured (same data, teacher, labels, ipc and students): halves the evaluation time.",

@@ -45,9 +45,14 @@ class ImageSet:
     classes: torch.Tensor  # int64 [N]
     soft: torch.Tensor | None = None  # float32 [N, R, K] stored soft labels per region
     regions: list[tuple[int, int, int, int]] | None = None  # R region boxes (top, left, h, w)
+    budget_images: int | None = None  # the set size that sets batch size and steps (full-set reference: the ipc set's)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def budget(self) -> int:
+        return self.budget_images or len(self.images)
 
 
 def student_batch_size(cfg: RunConfig, n: int) -> int:
@@ -127,8 +132,8 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
     gen = generator(cfg.seed, "student", regime, seed)
     aug = Augmenter(ev.augment, gen)
     n = len(data)
-    bs = student_batch_size(cfg, n)
-    total = student_steps(cfg, n)
+    bs = student_batch_size(cfg, data.budget)
+    total = student_steps(cfg, data.budget)
     fitter = Fitter(student, ev.optim, total)
     size = data.images.shape[-1]
     region_boxes = torch.tensor(data.regions) if data.regions else None
@@ -176,7 +181,7 @@ def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, se
     student = train_student(cfg, regime, data, source.num_classes, seed, device, teacher, progress, student_index)
     mean, std = cfg.normalization
     top1 = accuracy(student, source.test, mean, std, device, cfg.runtime, cfg.evaluation.test_batch_size)
-    bs = student_batch_size(cfg, len(data))
+    bs = student_batch_size(cfg, data.budget)
     return {
         "regime": regime,
         "seed": seed,
@@ -184,7 +189,7 @@ def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, se
         "top1": round(top1, 6),
         "images": len(data),
         "batch_size": bs,
-        "steps": student_steps(cfg, len(data)),
+        "steps": student_steps(cfg, data.budget),
         "test_images": len(source.test),
     }
 

@@ -14,10 +14,13 @@ Schema (all accuracies are fractions in [0, 1]):
     "<hard|soft|soft_kd>": {
       "distilled": {"mean": 0.8, "std": 0.01, "values": [...]},   # one value per seed
       "random":    {"mean": 0.7, "std": 0.01, "values": [...]},   # mean null when evaluation.baseline is off
+      "full":      {"mean": 0.9, ...},   # hard only, with evaluation.full: the whole training split, same budget
       "improvement_over_random": 0.1,                                # DD-Ranking's IOR (null without baseline)
       "steps": 600                                                   # student steps of each run
     }
   },
+  "scores": {"hard_label_recovery": 0.1,                  # full - distilled under hard labels (needs "full")
+             "label_robust_score": {"<regime>": 0.4}},     # DD-Ranking LRS of that regime's IOR and the HLR
   "cross_architecture": [{"model": {"name": "resnet18_small", ...}, "regimes": {as above}}],  # evaluation.cross_models
   "stages": {"<stage>": {"seconds": 1.2, "shards": 5, "files": 10, "bytes": 1234}},
   "total_seconds": 12.3
@@ -32,6 +35,7 @@ import json
 from ddpipe.evaluate import student_models, summarize
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import CODE_VERSION, Context
+from ddpipe.scores import hard_label_recovery, label_robust_score
 
 
 def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
@@ -63,6 +67,7 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
             "bytes": label_bytes, "bytes_per_image": label_bytes / max(1, n_images),
         },
         "regimes": regimes,
+        "scores": scores(regimes),
         "cross_architecture": cross,
         "stages": {
             name: {"seconds": round(timings.get(name, 0.0), 3), "shards": m.shards, "files": m.files, "bytes": m.bytes}
@@ -84,10 +89,25 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
             entry[set_name] = summarize([r["top1"] for r in rows])
             if rows:
                 entry["steps"] = rows[0]["steps"]
+        full = [r["top1"] for r in sorted(results, key=lambda r: r["seed"])
+                if r["regime"] == regime and r["set"] == "full" and student == 0]
+        if full:
+            entry["full"] = summarize(full)
         d, r = entry["distilled"]["mean"], entry["random"]["mean"]
         entry["improvement_over_random"] = None if d is None or r is None else d - r
         out[regime] = entry
     return out
+
+
+def scores(regimes: dict) -> dict:
+    """DD-Ranking's scores from one architecture's regime results: HLR (needs the full-set student under hard
+    labels) and, per regime, the label-robust score of that regime's IOR and the HLR."""
+    hard = regimes.get("hard", {})
+    full, distilled = hard.get("full", {}).get("mean"), hard.get("distilled", {}).get("mean")
+    hlr = None if full is None or distilled is None else hard_label_recovery(full, distilled)
+    lrs = {regime: None if hlr is None or e["improvement_over_random"] is None
+           else label_robust_score(e["improvement_over_random"], hlr) for regime, e in regimes.items()}
+    return {"hard_label_recovery": hlr, "label_robust_score": lrs}
 
 
 def write_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
@@ -118,4 +138,10 @@ def results_table(report: dict) -> str:
     for name, e in rows:
         lines.append(f"{name:<{width}} {cell(e['distilled']):>16} {cell(e['random']):>16} "
                      f"{delta(e['improvement_over_random'])}")
+    hard = report["regimes"].get("hard", {})
+    if "full" in hard:
+        hlr = report["scores"]["hard_label_recovery"]
+        lines.append(f"full training set, hard labels, same budget: {cell(hard['full']).strip()}   "
+                     f"HLR {delta(hlr).strip()}   LRS " + "  ".join(
+                         f"{r} {v:.3f}" for r, v in report["scores"]["label_robust_score"].items() if v is not None))
     return "\n".join(lines)

@@ -348,10 +348,13 @@ def load_image_set(ctx: Context, set_name: str, num_classes: int, with_labels: b
 def run_evaluation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     num_classes = len(dataset_classes(ctx.store, inputs["dataset"]))
     with_labels = shard.regime == "soft"
-    data = ctx.cached(
-        f"set:{shard.set}:{with_labels}:{inputs['labels'].sha256}",
-        lambda: load_image_set(ctx, shard.set, num_classes, with_labels),
-    )
+    if shard.set == "full":
+        data = ctx.cached("set:full", lambda: full_set(ctx, num_classes))
+    else:
+        data = ctx.cached(
+            f"set:{shard.set}:{with_labels}:{inputs['labels'].sha256}",
+            lambda: load_image_set(ctx, shard.set, num_classes, with_labels),
+        )
 
     def compute() -> dict[str, bytes]:
         result = evaluate(ctx.cfg, shard.regime, data, ctx.source, shard.seed, ctx.device,
@@ -362,22 +365,33 @@ def run_evaluation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
         return {"result.json": json.dumps(result, indent=1, sort_keys=True).encode()}
 
     rel = f"evaluation/{shard.id}.json"
-    if shard.set == "random":  # the same baseline student for every method run with the same inputs and recipe
+    if shard.set in ("random", "full"):  # the same reference student for every method run with the same inputs and recipe
         out = shared_outputs(ctx.cfg, "baselines", baseline_key(ctx, shard, inputs), compute)
     else:
         out = compute()
     return [ctx.store.write_bytes(rel, out["result.json"])]
 
 
+def full_set(ctx: Context, num_classes: int) -> ImageSet:
+    """The whole training split as an image set, trained with the budget of the ipc sets."""
+    split = ctx.source.train
+    images = split.batch(np.arange(len(split)))
+    return ImageSet(images=images, classes=torch.from_numpy(split.labels).long(),
+                    regions=regions(ctx.cfg.image_size, 1), budget_images=ctx.cfg.method.ipc * num_classes)
+
+
 def baseline_key(ctx: Context, shard: Shard, inputs) -> str:
-    """What a random-subset student depends on: the subset's images and labels, the teachers (online KD),
-    the test split, the student recipe, the regime and seed, and the code."""
+    """What a reference student (random subset, full set) depends on: the subset's images and labels and the
+    teachers (online KD), the data, the student recipe and budget, the regime and seed, and the code."""
     cfg = ctx.cfg
-    files = [f for f in stage_files(ctx.store, inputs["random_subset"])]
-    files += [f for f in stage_files(ctx.store, inputs["labels"]) if f.path.startswith("random/")]
-    files += [f for f in stage_files(ctx.store, inputs["teacher"]) if f.path.endswith(".pt")]
+    files = []
+    if shard.set == "random":
+        files += [f for f in stage_files(ctx.store, inputs["random_subset"])]
+        files += [f for f in stage_files(ctx.store, inputs["labels"]) if f.path.startswith("random/")]
+        files += [f for f in stage_files(ctx.store, inputs["teacher"]) if f.path.endswith(".pt")]
     payload = {
-        "files": sorted((f.path, f.sha256) for f in files), "test": ctx.source.test.fingerprint,
+        "set": shard.set, "files": sorted((f.path, f.sha256) for f in files), "test": ctx.source.test.fingerprint,
+        "train": ctx.source.train.fingerprint,
         "sections": json.loads(cfg.section_json("evaluation", "labels")), "ipc": cfg.method.ipc, "seed": cfg.seed,
         "regime": shard.regime, "student": shard.seed, "model": shard.student or 0,
         "code": code_hash("augment", "data", "evaluate", "labels", "models", "teacher", "train"),
@@ -422,7 +436,8 @@ def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
         Shard(id=f"{s}-{r}-seed{seed}" + (f"-student{k}" if k else ""), set=s, regime=r, seed=seed, student=k)
         for k in range(len(student_models(ctx.cfg))) for r in ev.regimes for seed in ev.seeds
         for s in SETS if s == "distilled" or ev.baseline
-    ]
+    ] + [Shard(id=f"full-hard-seed{seed}", set="full", regime="hard", seed=seed, student=0)
+         for seed in ev.seeds if ev.full and "hard" in ev.regimes]
 
 
 # Every method's run starts with DATASET and TEACHER, then its own stages, the last of which is named
