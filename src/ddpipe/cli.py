@@ -1,12 +1,15 @@
 """The ``ddpipe`` command line.
 
     ddpipe run CONFIG [--store URI] [--set key=value ...] [--engine prefect|plain]
+    ddpipe evaluate MATRIX [--store URI] [--set key=value ...] [--engine prefect|plain]
     ddpipe status RUN
     ddpipe validate CONFIG [--set key=value ...]
 
 ``run`` runs the ``distill`` flow (Prefect, through :mod:`ddpipe.flows.command`; a temporary local server
 unless PREFECT_API_URL is set), or the same stages as plain function calls with ``--engine plain``, and
-prints the run folder and a results table. Re-running the same command resumes. A bad input ends with one line ``ddpipe: error: ...`` on
+prints the run folder and a results table. ``evaluate`` runs every (method, ipc) cell of an evaluation
+matrix (``configs/matrix/``) the same way and writes the comparison report (Markdown, JSON, a plot).
+Re-running the same command resumes. A bad input ends with one line ``ddpipe: error: ...`` on
 stderr and exit status 2.
 """
 
@@ -29,6 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=("prefect", "plain"), default="prefect",
                      help="prefect: the distill flow (default); plain: the same stages as plain function calls")
     run.add_argument("--no-progress", action="store_true", help="no terminal progress bars")
+    ev = sub.add_parser("evaluate", help="run (or resume) an evaluation matrix and write its comparison report")
+    ev.add_argument("matrix", help="matrix YAML file (see configs/matrix/)")
+    ev.add_argument("--store", help="store URI (overrides store.uri of every cell)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of every cell's config, e.g. --set evaluation.seeds=[0] (repeatable)")
+    ev.add_argument("--engine", choices=("prefect", "plain"), default="prefect",
+                    help="prefect: the evaluate flow, a distill subflow per cell (default); plain: function calls")
+    ev.add_argument("--no-progress", action="store_true", help="no terminal progress bars")
     status = sub.add_parser("status", help="show each stage's done/total shards of a run folder")
     status.add_argument("run", help="run folder URI (printed by 'ddpipe run')")
     val = sub.add_parser("validate", help="validate a config and print its run folder name")
@@ -74,6 +85,37 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from ddpipe import progress
+    from ddpipe.matrix import cell_configs, load_matrix, run_matrix
+    from ddpipe.runner import run_pipeline
+    from ddpipe.stages import preflight
+    from ddpipe.store import Store
+
+    overrides = list(args.overrides) + ([f"store.uri={args.store}"] if args.store else [])
+    matrix, root = load_matrix(args.matrix)
+    cells = cell_configs(matrix, root, overrides)  # every cell validates before anything runs
+    for cfg in {c.run_name: c for _, _, c in cells}.values():
+        preflight(cfg)
+    print(f"{len(cells)} cells: " + ", ".join(f"{label}@{ipc}" for label, ipc, _ in cells), flush=True)
+    sink = None if args.no_progress else progress.TerminalSink()
+    if sink:
+        progress.add_sink(sink)
+    try:
+        if args.engine == "plain":
+            report = run_matrix(matrix, root, run_pipeline, overrides)
+        else:
+            from ddpipe.flows.command import run_evaluate_flow
+
+            report = run_evaluate_flow(args.matrix, overrides)
+    finally:
+        if sink:
+            progress.remove_sink(sink)
+    print(Store(report["uri"]).read_bytes("report.md").decode())
+    print(f"report: {report['uri']}/report.md")
+    return 0
+
+
 def cmd_status(args) -> int:
     from ddpipe.pipeline import status
     from ddpipe.store import Store
@@ -100,7 +142,8 @@ def cmd_validate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "status": cmd_status, "validate": cmd_validate}[args.command](args)
+        commands = {"run": cmd_run, "evaluate": cmd_evaluate, "status": cmd_status, "validate": cmd_validate}
+        return commands[args.command](args)
     except DDPipeError as e:
         print(f"ddpipe: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -1,0 +1,211 @@
+"""Evaluation matrices: methods x IPC as ordinary runs, and the comparison report over them.
+
+A matrix file (``configs/matrix/*.yaml``, validated by :class:`MatrixConfig`) names a base run config, the
+IPCs, and per method the config files or override mappings that make that method's run. Each (method,
+ipc) cell is an ordinary run (its own run folder, cached and resumable shard by shard; regimes x seeds
+are its evaluation shards), so a killed matrix resumes without redoing finished cells, and the random
+baseline and full-set students are trained once per IPC for all methods (shared outputs of the store).
+
+The report, written to ``<store>/matrices/<name>-<hash>/``:
+
+- ``report.json``: ``{"matrix": name, "cells": [{"method", "ipc", "run", "regimes": {...}, "scores":
+  {...}}], "rows": [...]}``, one row per (method, ipc, regime) with ``distilled``, ``random``, ``full``
+  (means and stds, fractions), ``ior``, ``hlr``, ``lrs``;
+- ``report.md``: a Markdown table per regime (rows: methods; columns: IPCs; mean +- std in percent, IOR),
+  then the HLR and LRS tables;
+- ``accuracy.png``: accuracy against IPC, one panel per regime, one line per method, random dashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ddpipe.config import RunConfig, _describe_error, _merge, _read_yaml, build_config
+from ddpipe.errors import ConfigError
+from ddpipe.store import Store
+
+
+class MatrixConfig(BaseModel):
+    """An evaluation matrix: which runs make it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Names the report folder and prefixes every cell's run name.")
+    run: str = Field(description="Base run config file (relative to the matrix file): data, teacher, labels, students.")
+    ipc: tuple[int, ...] = Field(min_length=1, description="Images per class of the cells.")
+    ipc_config: str | None = Field(
+        None, description="Per-IPC config file, '{ipc}' replaced (e.g. base/fashion-mnist-ipc{ipc}.yaml): student "
+        "budgets per IPC."
+    )
+    methods: dict[str, list[str | dict[str, Any]]] = Field(
+        min_length=1, description="Method label -> config files (relative) and/or mappings merged over the base, "
+        "in order; e.g. ca2d: [base/fashion-mnist-rded.yaml, {method: {name: ca2d}}]."
+    )
+    overrides: tuple[str, ...] = Field((), description="Dotted-key overrides applied to every cell last.")
+
+
+def load_matrix(path: str | Path) -> tuple[MatrixConfig, Path]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"matrix file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return MatrixConfig.model_validate(data), path.parent
+    except yaml.YAMLError as e:
+        raise ConfigError(f"matrix file {path} is not valid YAML: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(f"matrix file {path}: {_describe_error(e)}") from None
+
+
+def cell_configs(matrix: MatrixConfig, root: Path, overrides: tuple[str, ...] | list[str] = ()) -> list[tuple[str, int, RunConfig]]:
+    """Every (method label, ipc, run config) of the matrix, methods in file order, then by IPC."""
+    base = _read_yaml(root / matrix.run)
+    cells = []
+    for label, parts in matrix.methods.items():
+        for ipc in matrix.ipc:
+            data = base
+            if matrix.ipc_config:
+                data = _merge(data, _read_yaml(root / matrix.ipc_config.format(ipc=ipc)))
+            for part in parts:
+                data = _merge(data, _read_yaml(root / part) if isinstance(part, str) else part)
+            data = _merge(data, {"name": f"{matrix.name}-{label}-ipc{ipc}", "method": {"ipc": ipc}})
+            try:
+                cfg = build_config(data, [*matrix.overrides, *overrides])
+            except ConfigError as e:
+                raise ConfigError(f"matrix cell {label} ipc {ipc}: {e}") from None
+            cells.append((label, ipc, cfg))
+    return cells
+
+
+def matrix_store(matrix: MatrixConfig, cells: list[tuple[str, int, RunConfig]]) -> Store:
+    """``<store>/matrices/<name>-<hash of the cells' run names>``."""
+    cfg = cells[0][2]
+    digest = hashlib.sha256("\n".join(c.run_name for _, _, c in cells).encode()).hexdigest()[:10]
+    return Store(cfg.store.uri, cfg.store.storage_options).child(f"matrices/{matrix.name}-{digest}")
+
+
+def run_matrix(matrix: MatrixConfig, root: Path, run: Callable[[RunConfig], dict],
+               overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """Run every cell with ``run`` (the plain runner or the distill flow) and write the comparison report."""
+    cells = cell_configs(matrix, root, overrides)
+    reports = [(label, ipc, run(cfg)) for label, ipc, cfg in cells]
+    return write_matrix_report(matrix, matrix_store(matrix, cells), reports)
+
+
+def matrix_rows(reports: list[tuple[str, int, dict]]) -> list[dict]:
+    rows = []
+    for label, ipc, report in reports:
+        for regime, e in report["regimes"].items():
+            rows.append({
+                "method": label, "ipc": ipc, "regime": regime, "distilled": e["distilled"], "random": e["random"],
+                "full": e.get("full"), "ior": e["improvement_over_random"],
+                "hlr": report["scores"]["hard_label_recovery"],
+                "lrs": report["scores"]["label_robust_score"].get(regime), "steps": e.get("steps"),
+            })
+    return rows
+
+
+def _pct(s: dict | None) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if len(s["values"]) > 1 else f"{100 * s['mean']:.2f}"
+
+
+def _signed(v: float | None, scale: float = 100.0, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{scale * v:+.{digits}f}"
+
+
+def markdown_report(name: str, rows: list[dict]) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    ipcs = sorted({r["ipc"] for r in rows})
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    at = {(r["method"], r["ipc"], r["regime"]): r for r in rows}
+    head = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |\n|---|" + "---|" * len(ipcs)
+    out = [f"# Evaluation matrix: {name}", "",
+           "Top-1 test accuracy (%) at the final step, mean ± std over seeds; IOR, the improvement over the random "
+           "subset of the same IPC under the same regime and students, in points. Random subset and full training "
+           "set rows are the references.", ""]
+    for regime in regimes:
+        out += [f"## {regime}", "", head]
+        for m in methods:
+            cells = [at.get((m, i, regime)) for i in ipcs]
+            out.append(f"| {m} | " + " | ".join(
+                "" if c is None else f"{_pct(c['distilled'])} ({_signed(c['ior'])})" for c in cells) + " |")
+        first = {i: next((r for r in rows if r["ipc"] == i and r["regime"] == regime), None) for i in ipcs}
+        out.append("| *random subset* | " + " | ".join(_pct(first[i]["random"]) if first[i] else "" for i in ipcs) + " |")
+        if any(first[i] and first[i]["full"] for i in ipcs):
+            out.append("| *full training set* | " + " | ".join(
+                _pct(first[i]["full"]) if first[i] else "" for i in ipcs) + " |")
+        out.append("")
+    out += ["## Scores (DD-Ranking, on fractions)", "",
+            "HLR: full-set accuracy minus the method's, hard labels, same budget (lower is better). LRS per regime: "
+            "(e^a - e^-1) / (e - e^-1), a = (IOR - HLR) / 2.", "",
+            "| method | IPC | HLR | " + " | ".join(f"LRS {r}" for r in regimes) + " |",
+            "|---|---|---|" + "---|" * len(regimes)]
+    for m in methods:
+        for i in ipcs:
+            cells = [at.get((m, i, r)) for r in regimes]
+            some = next((c for c in cells if c), None)
+            if some is None:
+                continue
+            out.append(f"| {m} | {i} | {_signed(some['hlr'], 1.0, 4)} | " + " | ".join(
+                "n/a" if c is None or c["lrs"] is None else f"{c['lrs']:.4f}" for c in cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def accuracy_plot(rows: list[dict]) -> bytes:
+    """PNG: accuracy against IPC, one panel per regime, one line per method, the random subset dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.2 * len(regimes), 3.6), squeeze=False)
+    for ax, regime in zip(axes[0], regimes):
+        sub = [r for r in rows if r["regime"] == regime]
+        for m in methods:
+            pts = sorted((r["ipc"], r["distilled"]) for r in sub if r["method"] == m and r["distilled"]["mean"] is not None)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [100 * p[1]["mean"] for p in pts],
+                            yerr=[100 * p[1]["std"] for p in pts], marker="o", capsize=3, label=m)
+        base = sorted({(r["ipc"], r["random"]["mean"]) for r in sub if r["random"]["mean"] is not None})
+        if base:
+            ax.plot([b[0] for b in base], [100 * b[1] for b in base], "k--", label="random subset")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["ipc"] for r in sub}), labels=[str(i) for i in sorted({r["ipc"] for r in sub})])
+        ax.set_title(regime)
+        ax.set_xlabel("images per class")
+        ax.set_ylabel("top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})  # no version stamp: same bytes per run
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_matrix_report(matrix: MatrixConfig, store: Store, reports: list[tuple[str, int, dict]]) -> dict:
+    rows = matrix_rows(reports)
+    report = {
+        "matrix": matrix.name, "uri": store.uri,
+        "cells": [{"method": label, "ipc": ipc, "run": r["run"], "run_uri": r["run_uri"], "regimes": r["regimes"],
+                   "scores": r["scores"]} for label, ipc, r in reports],
+        "rows": rows,
+    }
+    store.write_bytes("report.json", json.dumps(report, indent=1).encode())
+    store.write_bytes("report.md", markdown_report(matrix.name, rows).encode())
+    store.write_bytes("accuracy.png", accuracy_plot(rows))
+    return report
+
+
+

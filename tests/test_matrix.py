@@ -1,0 +1,74 @@
+"""Evaluation matrices: cells as runs, resume after a crash, the comparison report."""
+
+import json
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+import ddpipe.stages
+from ddpipe.errors import ConfigError
+from ddpipe.matrix import MatrixConfig, cell_configs, load_matrix, matrix_store, run_matrix
+from ddpipe.pipeline import run_store
+from ddpipe.runner import run_pipeline
+
+from conftest import CONFIGS
+
+FAST = ["evaluation.epochs=5", "evaluation.seeds=[0]", "evaluation.regimes=[hard, soft]", "evaluation.full=true"]
+
+
+def matrix(tmp_path):
+    spec = MatrixConfig(name="t", run=str(CONFIGS / "smoke.yaml"), ipc=(1, 2),
+                        methods={"rded": [], "herding": [{"method": {"name": "herding"}}]})
+    return spec, Path("/"), [f"store.uri={tmp_path / 'runs'}", *FAST]
+
+
+def test_cells_are_runs_with_the_method_and_ipc(tmp_path):
+    spec, root, overrides = matrix(tmp_path)
+    cells = cell_configs(spec, root, overrides)
+    assert [(m, i, c.method.name, c.method.ipc, c.name) for m, i, c in cells] == [
+        ("rded", 1, "rded", 1, "t-rded-ipc1"), ("rded", 2, "rded", 2, "t-rded-ipc2"),
+        ("herding", 1, "herding", 1, "t-herding-ipc1"), ("herding", 2, "herding", 2, "t-herding-ipc2")]
+    bad = MatrixConfig(name="t", run=str(CONFIGS / "smoke.yaml"), ipc=(2,), methods={"x": [{"method": {"name": "nope"}}]})
+    with pytest.raises(ConfigError, match="matrix cell x ipc 2: .*method.name"):
+        cell_configs(bad, root, overrides)
+    spec, _ = load_matrix(CONFIGS / "matrix" / "smoke.yaml")
+    assert len(cell_configs(spec, CONFIGS / "matrix")) == len(spec.methods) * len(spec.ipc)
+
+
+def test_a_crashed_matrix_resumes_without_redoing_finished_cells(tmp_path):
+    spec, root, overrides = matrix(tmp_path)
+    done = []
+
+    def crash_after_two(cfg):
+        if len(done) == 2:
+            raise RuntimeError("killed")
+        done.append(cfg)
+        return run_pipeline(cfg)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_matrix(spec, root, crash_after_two, overrides)
+    finished = {c.run_name: sorted(p.stat().st_mtime_ns for p in Path(run_store(c).root).rglob("*.json")
+                                   if p.name not in ("report.json", "run.json")) for c in done}
+    with mock.patch.object(ddpipe.stages, "evaluate", wraps=ddpipe.stages.evaluate) as trained:
+        report = run_matrix(spec, root, run_pipeline, overrides)
+    # only the two herding cells' distilled students train (2 regimes each); references are shared
+    assert trained.call_count == 2 * 2
+    for c in done:
+        assert finished[c.run_name] == sorted(p.stat().st_mtime_ns for p in Path(run_store(c).root).rglob("*.json")
+                                              if p.name not in ("report.json", "run.json"))
+
+    store = matrix_store(spec, cell_configs(spec, root, overrides))
+    assert store.uri == report["uri"] and store.exists("accuracy.png")
+    saved = json.loads(store.read_bytes("report.json"))
+    rows = {(r["method"], r["ipc"], r["regime"]): r for r in saved["rows"]}
+    assert len(rows) == 2 * 2 * 2
+    cell = next(c for c in saved["cells"] if (c["method"], c["ipc"]) == ("herding", 2))
+    run_report = json.loads(Path(cell["run_uri"], "report.json").read_text())
+    assert rows["herding", 2, "hard"]["distilled"] == run_report["regimes"]["hard"]["distilled"]
+    assert rows["herding", 2, "hard"]["random"] == rows["rded", 2, "hard"]["random"]  # one baseline per ipc
+    hard = rows["herding", 2, "hard"]
+    assert hard["hlr"] == pytest.approx(hard["full"]["mean"] - hard["distilled"]["mean"])
+    md = store.read_bytes("report.md").decode()
+    assert "## hard" in md and "| herding |" in md and "*full training set*" in md
+    assert f"{100 * hard['distilled']['mean']:.2f} ({100 * hard['ior']:+.2f})" in md
