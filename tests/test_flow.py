@@ -79,3 +79,21 @@ def test_flow_accepts_a_config_path_and_overrides(harness, tmp_path):
 
     report = distill(config=str(SMOKE), overrides=[f"store.uri={tmp_path}", *FAST, "evaluation.regimes=[hard]"])
     assert list(report["regimes"]) == ["hard"] and report["run_uri"].startswith(str(tmp_path))
+
+
+def test_evaluate_flow_runs_a_matrix_as_distill_subflows(harness, tmp_path):
+    from conftest import CONFIGS
+    from ddpipe.flows.evaluate import evaluate
+
+    overrides = [f"store.uri={tmp_path}", *FAST, "evaluation.regimes=[hard]", "evaluation.full=false"]
+    state = evaluate(matrix=str(CONFIGS / "matrix" / "smoke.yaml"), overrides=overrides, return_state=True)
+    report = state.result()
+    assert [(c["method"], c["ipc"]) for c in report["cells"]] == [
+        (m, i) for m in ("rded", "ca2d", "herding", "cad") for i in (1, 2)]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        artifacts = client.read_artifacts()
+    subflows = [r for r in runs if r.parent_task_run_id is not None]  # the other tests run no subflows
+    assert len(subflows) == 8 and all(r.state.is_completed() for r in subflows)
+    assert ("markdown", "ddpipe-matrix") in {(a.type, a.key) for a in artifacts}
+    assert all(c["regimes"]["hard"]["distilled"]["mean"] > 0 for c in report["cells"])
