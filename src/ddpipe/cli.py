@@ -21,25 +21,26 @@ import sys
 
 from ddpipe.errors import DDPipeError
 
+
+def _run_options(cmd: argparse.ArgumentParser, flow: str) -> None:
+    """The options ``run`` and ``evaluate`` share."""
+    cmd.add_argument("--store", help="store URI for run folders (overrides store.uri), e.g. ./runs or s3://bucket/runs")
+    cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field with a dotted key, e.g. --set method.ipc=50 (repeatable)")
+    cmd.add_argument("--engine", choices=("prefect", "plain"), default="prefect",
+                     help=f"prefect: the {flow} flow (default); plain: the same stages as plain function calls")
+    cmd.add_argument("--no-progress", action="store_true", help="no terminal progress bars")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddpipe", description="Dataset distillation as resumable pipelines.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) the distill pipeline for a config")
     run.add_argument("config", help="YAML config file (see configs/)")
-    run.add_argument("--store", help="store URI for run folders (overrides store.uri), e.g. ./runs or s3://bucket/runs")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field with a dotted key, e.g. --set method.ipc=50 (repeatable)")
-    run.add_argument("--engine", choices=("prefect", "plain"), default="prefect",
-                     help="prefect: the distill flow (default); plain: the same stages as plain function calls")
-    run.add_argument("--no-progress", action="store_true", help="no terminal progress bars")
+    _run_options(run, "distill")
     ev = sub.add_parser("evaluate", help="run (or resume) an evaluation matrix and write its comparison report")
-    ev.add_argument("matrix", help="matrix YAML file (see configs/matrix/)")
-    ev.add_argument("--store", help="store URI (overrides store.uri of every cell)")
-    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field of every cell's config, e.g. --set evaluation.seeds=[0] (repeatable)")
-    ev.add_argument("--engine", choices=("prefect", "plain"), default="prefect",
-                    help="prefect: the evaluate flow, a distill subflow per cell (default); plain: function calls")
-    ev.add_argument("--no-progress", action="store_true", help="no terminal progress bars")
+    ev.add_argument("matrix", help="matrix YAML file (see configs/matrix/); --store and --set apply to every cell")
+    _run_options(ev, "evaluate")
     status = sub.add_parser("status", help="show each stage's done/total shards of a run folder")
     status.add_argument("run", help="run folder URI (printed by 'ddpipe run')")
     val = sub.add_parser("validate", help="validate a config and print its run folder name")
