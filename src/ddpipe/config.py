@@ -336,7 +336,7 @@ class EvaluationConfig(_Section):
     full: bool = Field(
         False, description="Also train the main student on the whole training split with hard labels, with the "
         "same batch size and step budget as on the ipc sets (matched compute): the reference of hard-label "
-        "recovery (HLR) and the label-robust score. The split is held in memory."
+        "recovery (HLR) and the label-robust score. The split is held in memory (fashion-mnist only)."
     )
     baseline: bool = Field(
         True, description="Also train students on the random subset (the baseline). Off when the same baseline "
@@ -440,6 +440,8 @@ class RunConfig(_Section):
                 if spec.name == "convnet" and spec.norm != "batch":
                     where = "teacher.model" if k == 0 else f"teacher.ensemble[{k - 1}]"
                     raise ValueError(f"method {self.method.name} matches BatchNorm statistics: {where} needs norm: batch")
+        if self.evaluation.full and d.kind != "fashion-mnist":
+            raise ValueError("evaluation.full holds the whole training split in memory: fashion-mnist only for now")
         if self.labels.ensemble and not self.teacher.ensemble:
             raise ValueError("labels.ensemble needs at least one backbone in teacher.ensemble")
         if self.method.stitches and self.method.candidates_per_class < need:
