@@ -41,6 +41,9 @@ def test_overrides_with_dotted_keys():
         ("evaluation.regimes=[hard, fuzzy]", "evaluation.regimes"),
         ("dataset.image_size=32", "dataset.image_size must be 28"),
         ("teacher.augment.crop_scale=[0.9, 0.2]", "teacher.augment.crop_scale"),
+        ("method.selection.window=9", "window (9) must not exceed checkpoints (8)"),
+        ("method.selection.last=4", "last (4) exceeds the 3 windows of 6 among 8 checkpoints"),
+        ("method.selection.el2n_checkpoint=9", "el2n_checkpoint (9) exceeds checkpoints (8)"),
     ],
 )
 def test_invalid_fields_give_one_line_errors_naming_the_field(override, fragment):
