@@ -30,14 +30,15 @@ def run_flow(cfg: RunConfig) -> dict:
     return distill(config=cfg.model_dump(mode="json"))
 
 
-def run_evaluate_flow(matrix: str, overrides: list[str]) -> dict:
+def run_evaluate_flow(matrix: str, overrides: list[str], methods: list[str] | None = None,
+                      ipcs: list[int] | None = None) -> dict:
     """Run the evaluate flow for a matrix file (same server rules as :func:`run_flow`); its report."""
     for k, v in PREFECT_DEFAULTS.items():
         os.environ.setdefault(k, v)
     from ddpipe.flows.evaluate import evaluate
 
     _quiet_known_errors()
-    return evaluate(matrix=matrix, overrides=overrides)
+    return evaluate(matrix=matrix, overrides=overrides, methods=methods, ipc=ipcs)
 
 
 def _error_names() -> tuple[str, ...]:

@@ -14,13 +14,15 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from ddpipe.flows.distill import distill
-from ddpipe.matrix import load_matrix, run_matrix
+from ddpipe.matrix import load_matrix, run_matrix, select
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(matrix: str, overrides: list[str] | None = None) -> dict:
-    """Run (or resume) every cell of the matrix file and write the comparison report."""
+def evaluate(matrix: str, overrides: list[str] | None = None, methods: list[str] | None = None,
+             ipc: list[int] | None = None) -> dict:
+    """Run (or resume) every cell of the matrix file (or only ``methods`` / ``ipc``) and write the report."""
     spec, root = load_matrix(Path(matrix))
+    spec = select(spec, methods, ipc)
     report = run_matrix(spec, root, lambda cfg: distill(config=cfg.model_dump(mode="json")), overrides or [])
     from ddpipe.store import Store
 

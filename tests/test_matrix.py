@@ -72,3 +72,15 @@ def test_a_crashed_matrix_resumes_without_redoing_finished_cells(tmp_path):
     md = store.read_bytes("report.md").decode()
     assert "## hard" in md and "| herding |" in md and "*full training set*" in md
     assert f"{100 * hard['distilled']['mean']:.2f} ({100 * hard['ior']:+.2f})" in md
+
+
+def test_part_of_a_matrix_runs_the_same_cells(tmp_path):
+    from ddpipe.matrix import select
+
+    spec, root, overrides = matrix(tmp_path)
+    part = select(spec, ["herding"], [2])
+    whole = {c.run_name for _, _, c in cell_configs(spec, root, overrides)}
+    (only,) = cell_configs(part, root, overrides)
+    assert only[:2] == ("herding", 2) and only[2].run_name in whole
+    with pytest.raises(ConfigError, match="no method 'nope'"):
+        select(spec, ["nope"])

@@ -1,7 +1,7 @@
 """The ``ddpipe`` command line.
 
     ddpipe run CONFIG [--store URI] [--set key=value ...] [--engine prefect|plain]
-    ddpipe evaluate MATRIX [--store URI] [--set key=value ...] [--engine prefect|plain]
+    ddpipe evaluate MATRIX [--store URI] [--set key=value ...] [--engine prefect|plain] [--methods ...] [--ipc ...]
     ddpipe status RUN
     ddpipe validate CONFIG [--set key=value ...]
 
@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="run (or resume) an evaluation matrix and write its comparison report")
     ev.add_argument("matrix", help="matrix YAML file (see configs/matrix/); --store and --set apply to every cell")
     _run_options(ev, "evaluate")
+    ev.add_argument("--methods", nargs="+", metavar="LABEL", help="run only these methods of the matrix")
+    ev.add_argument("--ipc", nargs="+", type=int, metavar="N", help="run only these IPCs of the matrix")
     status = sub.add_parser("status", help="show each stage's done/total shards of a run folder")
     status.add_argument("run", help="run folder URI (printed by 'ddpipe run')")
     val = sub.add_parser("validate", help="validate a config and print its run folder name")
@@ -88,13 +90,14 @@ def cmd_run(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from ddpipe import progress
-    from ddpipe.matrix import cell_configs, load_matrix, run_matrix
+    from ddpipe.matrix import cell_configs, load_matrix, run_matrix, select
     from ddpipe.runner import run_pipeline
     from ddpipe.stages import preflight
     from ddpipe.store import Store
 
     overrides = list(args.overrides) + ([f"store.uri={args.store}"] if args.store else [])
     matrix, root = load_matrix(args.matrix)
+    matrix = select(matrix, args.methods, args.ipc)
     cells = cell_configs(matrix, root, overrides)  # every cell validates before anything runs
     for cfg in {c.run_name: c for _, _, c in cells}.values():
         preflight(cfg)
@@ -108,7 +111,7 @@ def cmd_evaluate(args) -> int:
         else:
             from ddpipe.flows.command import run_evaluate_flow
 
-            report = run_evaluate_flow(args.matrix, overrides)
+            report = run_evaluate_flow(args.matrix, overrides, args.methods, args.ipc)
     finally:
         if sink:
             progress.remove_sink(sink)

@@ -64,6 +64,20 @@ def load_matrix(path: str | Path) -> tuple[MatrixConfig, Path]:
         raise ConfigError(f"matrix file {path}: {_describe_error(e)}") from None
 
 
+def select(matrix: MatrixConfig, methods: list[str] | None = None, ipcs: list[int] | None = None) -> MatrixConfig:
+    """The matrix restricted to some methods and IPCs (same cells, same run folders, its own report)."""
+    for m in methods or []:
+        if m not in matrix.methods:
+            raise ConfigError(f"matrix {matrix.name} has no method '{m}' (it has {', '.join(matrix.methods)})")
+    for i in ipcs or []:
+        if i not in matrix.ipc:
+            raise ConfigError(f"matrix {matrix.name} has no ipc {i} (it has {', '.join(map(str, matrix.ipc))})")
+    return matrix.model_copy(update={
+        "methods": {k: v for k, v in matrix.methods.items() if not methods or k in methods},
+        "ipc": tuple(i for i in matrix.ipc if not ipcs or i in ipcs),
+    })
+
+
 def cell_configs(matrix: MatrixConfig, root: Path, overrides: tuple[str, ...] | list[str] = ()) -> list[tuple[str, int, RunConfig]]:
     """Every (method label, ipc, run config) of the matrix, methods in file order, then by IPC."""
     base = _read_yaml(root / matrix.run)
