@@ -42,3 +42,31 @@ def test_init_model_depends_only_on_the_seed():
     c = init_model(spec, 1, 10, 28, 6)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def _conv_input_sides(model, size):
+    sides = []
+    hooks = [m.register_forward_pre_hook(lambda m, i: sides.append(i[0].shape[-1]))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 1, size, size))
+    for h in hooks:
+        h.remove()
+    return sides
+
+
+@pytest.mark.parametrize("small, large", [("mobilenet_v2_small", "mobilenet_v2"),
+                                          ("shufflenet_v2_x0_5_small", "shufflenet_v2_x0_5")])
+def test_small_image_variants_keep_28px_maps_above_1px(small, large):
+    # the 224 px designs stride 32 down: at 28 px most of their convolutions see 1-2 px maps
+    small_sides, large_sides = (_conv_input_sides(build_model(ModelSpec(name=n, width_mult=0.5), 1, 10, 28), 28)
+                                for n in (small, large))
+    assert len(small_sides) == len(large_sides)
+    assert small_sides[0] == 28 and min(small_sides) == 4 and sorted(set(small_sides)) == [4, 7, 14, 28]
+    assert min(large_sides) == 1
+
+
+def test_mobilenet_v2_small_width_mult():
+    narrow, full = (build_model(ModelSpec(name="mobilenet_v2_small", width_mult=w), 1, 10, 28) for w in (0.5, 1.0))
+    assert narrow.features[0][0].out_channels == 16 and full.features[0][0].out_channels == 32
+    assert narrow.features[0][0].stride == (1, 1)

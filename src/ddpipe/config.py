@@ -37,9 +37,13 @@ class ModelSpec(_Section):
     """A network from the model registry (:mod:`ddpipe.models`)."""
 
     name: Literal[
-        "convnet", "resnet18_small", "wrn_16_2", "resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"
-    ] = Field("convnet", description="Architecture name in the model registry.")
-    width_mult: float = Field(1.0, gt=0, description="mobilenet_v2 only: channel width multiplier (G-VBSM uses 0.5).")
+        "convnet", "resnet18_small", "wrn_16_2", "mobilenet_v2_small", "shufflenet_v2_x0_5_small", "resnet18",
+        "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"
+    ] = Field("convnet", description="Architecture name in the model registry (`*_small`: the CIFAR-style variants "
+              "for <= 64 px images).")
+    width_mult: float = Field(
+        1.0, gt=0, description="mobilenet_v2 and mobilenet_v2_small only: channel width multiplier (G-VBSM uses 0.5)."
+    )
     width: int = Field(128, ge=1, description="ConvNet only: channels of every conv layer.")
     depth: int = Field(3, ge=1, le=8, description="ConvNet only: number of conv-norm-relu-pool blocks.")
     norm: Literal["batch", "instance", "none"] = Field(

@@ -8,6 +8,9 @@ All builders take any input channel count and class count:
 - ``resnet18_small``: torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (for <= 64 px images).
 - ``wrn_16_2``: the Wide-ResNet 16-2 of the CIFAR literature (3 groups of 2 pre-activation blocks, widths 32/64/128),
   one of G-VBSM's small-image backbones.
+- ``mobilenet_v2_small`` (``width_mult``) and ``shufflenet_v2_x0_5_small``: the CIFAR variants G-VBSM's small-image
+  branches use (stride-1 stem; MobileNetV2's second stage at stride 1, ShuffleNetV2 without the max-pool), so a
+  28-32 px input keeps 28 -> 14 -> 7 -> 4 px maps instead of falling to 1 px as it does in the 224 px designs.
 - ``resnet18``, ``mobilenet_v2`` (``width_mult``), ``shufflenet_v2_x0_5``, ``efficientnet_b0``: torchvision
   builders, randomly initialised, with the first convolution rebuilt for the input channel count.
 """
@@ -111,8 +114,28 @@ def _resnet18_small(in_channels: int, num_classes: int) -> nn.Module:
     return model
 
 
+# MobileNetV2's stages (expansion t, channels c, blocks n, stride s) for small images: the torchvision setting
+# with the second stage at stride 1 (the CIFAR MobileNetV2 of G-VBSM's and the DC literature's code).
+_MOBILENET_V2_SMALL = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+
+
+def _mobilenet_v2_small(in_channels: int, num_classes: int, width_mult: float) -> nn.Module:
+    model = _torchvision("mobilenet_v2", in_channels, num_classes, width_mult=width_mult,
+                         inverted_residual_setting=_MOBILENET_V2_SMALL)
+    model.features[0][0].stride = (1, 1)
+    return model
+
+
+def _shufflenet_v2_small(in_channels: int, num_classes: int) -> nn.Module:
+    model = _torchvision("shufflenet_v2_x0_5", in_channels, num_classes)
+    model.conv1[0].stride = (1, 1)
+    model.maxpool = nn.Identity()
+    return model
+
+
 _INIT_LOCK = threading.Lock()  # the global RNG is shared by the flow's worker threads
-MODEL_NAMES = ("convnet", "resnet18_small", "wrn_16_2", "resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0")
+MODEL_NAMES = ("convnet", "resnet18_small", "wrn_16_2", "mobilenet_v2_small", "shufflenet_v2_x0_5_small", "resnet18",
+               "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0")
 
 
 def build_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -123,6 +146,10 @@ def build_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size:
         return _resnet18_small(in_channels, num_classes)
     if spec.name == "wrn_16_2":
         return WideResNet(in_channels, num_classes, 16, 2)
+    if spec.name == "mobilenet_v2_small":
+        return _mobilenet_v2_small(in_channels, num_classes, spec.width_mult)
+    if spec.name == "shufflenet_v2_x0_5_small":
+        return _shufflenet_v2_small(in_channels, num_classes)
     if spec.name == "mobilenet_v2":
         return _torchvision(spec.name, in_channels, num_classes, width_mult=spec.width_mult)
     return _torchvision(spec.name, in_channels, num_classes)
