@@ -13,7 +13,9 @@ batch is augmented (random-resized crop, flip, cyclic jitter; gradients flow bac
   Eq. 6 (the value compared is ema + s - stopgrad(s)), + ``dd_weight`` * the data densification loss
   (:func:`dd_loss`); the backbone changes every step, round robin over the teachers.
 
-Every random draw comes from the generator passed in, so a batch is reproducible from its seed.
+Every random draw comes from the generator passed in, so a batch is reproducible from its seed. On CUDA,
+``runtime.amp`` runs the teachers' forward passes under bfloat16 autocast (the matched statistics, the
+cross-entropy and the pixels stay float32) and ``runtime.channels_last`` feeds them channels-last batches.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 from ddpipe.augment import crop_resize, quantize, random_boxes
 from ddpipe.config import CurriculumConfig, RunConfig
 from ddpipe.statistics import bn_layers, channel_moments, conv_layers, patch_moments
+from ddpipe.train import autocast
 
 
 def crop_lower_bound(cur: CurriculumConfig, step: int, iterations: int) -> float:
@@ -99,7 +102,7 @@ class StatisticMatcher:
 
     def _hook(self, name: str, kind: str, target: dict, weight: float):
         def hook(module, inputs):
-            x = inputs[0]
+            x = inputs[0].float()  # bfloat16 under autocast: the statistics are matched in float32
             if kind == "bn":
                 mean, var = channel_moments(x)
                 loss = (torch.norm(target["mean"] - self._value((name, "mean"), mean))
@@ -178,8 +181,9 @@ def recover(cfg: RunConfig, teachers: list[tuple[nn.Module, dict]], classes: tor
             else:
                 scale = rc.crop_scale
             xa = augment_batch(x, scale, rc.crop == "sample", rc.flip, rc.jitter, gen)
-            logits = model(xa)
-            ce = F.cross_entropy(logits, y)
+            with autocast(device, cfg.runtime):
+                logits = model(xa.contiguous(memory_format=torch.channels_last) if cfg.runtime.channels_last else xa)
+            ce = F.cross_entropy(logits.float(), y)
             match = matcher.take().to(device)
             loss = ce + rc.r_bn * match
             dd = torch.zeros((), device=device)
