@@ -8,7 +8,8 @@ Each config runs its stages up to ``synthesis`` with the plain runner (fresh run
 times every stage. A method's synthesis time is the sum of its own stages (RDED: scoring + synthesis;
 SRe2L/CDA: statistics + recovery + synthesis; G-VBSM: moments + statistics + recovery + synthesis), per
 distilled image; the teacher stage (training the extra G-VBSM backbones, loading the checkpoint) is reported
-apart. Prints one JSON object with each method's seconds per image and its ratio to the first config's.
+apart. Prints one JSON line per method as soon as it finishes (so a run stopped early keeps what it measured),
+then one JSON object with each method's seconds per image and its ratio to the first config's.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
             "config": path, "method": cfg.method.name, "images": images, "stages": {k: round(v, 2) for k, v in seconds.items()},
             "method_seconds": round(method_seconds, 2), "seconds_per_image": round(method_seconds / images, 4),
         })
+        print(json.dumps(out["methods"][-1]), flush=True)
     base = out["methods"][0]["seconds_per_image"]
     for m in out["methods"]:
         m["ratio_to_first"] = round(m["seconds_per_image"] / base, 2)
