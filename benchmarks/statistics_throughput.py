@@ -1,12 +1,15 @@
 """Global statistic collection throughput against the teacher's bare forward pass on the same images.
 
     python benchmarks/statistics_throughput.py [--config configs/fashion-mnist-gvbsm-ipc10.yaml] [--images 20000]
+        [--per-shape]
 
 Collection (``ddpipe.statistics.collect``: read the batch, normalise, forward with a hook on every conv input
 that adds the channel and patch moments) is timed over the first ``--images`` training images, per teacher of
 the config. The bare forward pass runs the same teacher at the same batch size over the same images,
 normalised beforehand. Target: collection throughput >= 80% of the bare forward throughput. Teachers have
-random weights: throughput does not depend on them. Prints one JSON object.
+random weights: throughput does not depend on them. With ``--per-shape`` each teacher's entry also lists its
+conv-input shapes, how many convolutions read each, and the milliseconds ``batch_sums`` takes on one such batch
+(where the statistics' time goes). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ddpipe.config import load_config
 from ddpipe.data import normalize
 from ddpipe.models import init_model
 from ddpipe.pipeline import context_for
-from ddpipe.statistics import collect
+from ddpipe.statistics import batch_sums, collect, conv_layers
 from ddpipe.train import batch_to, to_device
 
 
@@ -33,6 +36,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--per-shape", action="store_true", help="also time the statistics per conv-input shape")
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
     ctx = context_for(cfg)  # the device (after runtime.num_threads) and the data, as the stages get them
@@ -68,9 +72,34 @@ def main() -> None:
                 fn()
                 times[name].append(time.perf_counter() - t)
         b, c = statistics.median(times["bare"]), statistics.median(times["collect"])
-        out["teachers"].append({"model": spec.name, "bare_images_per_s": round(len(idx) / b, 1),
-                                "collect_images_per_s": round(len(idx) / c, 1), "ratio": round(b / c, 3)})
+        entry = {"model": spec.name, "bare_images_per_s": round(len(idx) / b, 1),
+                 "collect_images_per_s": round(len(idx) / c, 1), "ratio": round(b / c, 3)}
+        if args.per_shape:
+            entry["per_shape"] = per_shape(model, inputs[0], st.patch_size, device, cfg.runtime, args.repeats)
+        out["teachers"].append(entry)
     print(json.dumps(out, indent=1))
+
+
+@torch.no_grad()
+def per_shape(model, x, patch: int, device, runtime, repeats: int) -> list[dict]:
+    """Each conv-input shape of one batch, how many convolutions read it, and ``batch_sums``'s milliseconds on it."""
+    shapes: dict[tuple, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, i: shapes.update({tuple(i[0].shape): shapes.get(tuple(i[0].shape), 0) + 1}))
+             for _, m in conv_layers(model)]
+    model(batch_to(x, device, runtime))
+    for h in hooks:
+        h.remove()
+    rows = []
+    for shape, count in shapes.items():
+        z = torch.randn(shape, device=device)
+        batch_sums(z, patch)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            batch_sums(z, patch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rows.append({"shape": list(shape), "convs": count, "ms": round((time.perf_counter() - t) / repeats * 1000, 2)})
+    return rows
 
 
 if __name__ == "__main__":
