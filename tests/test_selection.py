@@ -71,6 +71,13 @@ def test_ca2d_scores_the_cad_pool_and_herding_follows_the_teacher_features(tmp_p
     assert sorted(r["source_index"] for r in scored) == sorted(int(pool[i]) for i in top_k(scores[pool], 20))
     assert sum(r["selected"] for r in scored) == 2
 
+    # keep: smallest scores the other end of the CAD ranking (same dynamics, shared)
+    cfg = smoke_config(store, "method.name=ca2d", "method.candidates_per_class=20", "method.selection.keep=smallest", *FAST)
+    run_stages(cfg, "scoring")
+    folder = Path(run_store(cfg).root)
+    scored = pq.read_table(folder / "scoring/class=00004.parquet").to_pylist()
+    assert sorted(r["source_index"] for r in scored) == sorted(int(pool[i]) for i in top_k(scores[pool], 20, largest=False))
+
     # herding: the teacher's penultimate features of the class, then the greedy choice
     cfg = smoke_config(store, "method.name=herding", *FAST)
     run_stages(cfg, "synthesis")

@@ -224,7 +224,8 @@ class SelectionConfig(_Section):
         1, ge=1, description="el2n: which checkpoint (1 = the first) gives the score, 'early in training'."
     )
     keep: Literal["largest", "smallest"] = Field(
-        "largest", description="el2n, forgetting, cad: keep the samples with the largest (hardest) or smallest scores."
+        "largest", description="el2n, forgetting, cad: keep the samples with the largest (hardest) or smallest scores; ca2d: the "
+        "candidate pool's end."
     )
 
     @model_validator(mode="after")

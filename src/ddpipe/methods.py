@@ -320,10 +320,12 @@ def run_selection(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
 
 
 def cad_pool(ctx: Context, c: int, inputs) -> np.ndarray:
-    """CA2D's candidate pool of class ``c``: its ``candidates_per_class`` training images with the highest CAD."""
+    """CA2D's candidate pool of class ``c``: its ``candidates_per_class`` training images with the highest CAD
+    (the lowest with ``selection.keep: smallest``)."""
     pool = ctx.source.train.class_indices(c)
     scores = dynamics_scores(ctx, inputs)[pool]
-    return pool[top_k(scores, min(len(pool), ctx.cfg.method.candidates_per_class))]
+    largest = ctx.cfg.method.selection.keep == "largest"
+    return pool[top_k(scores, min(len(pool), ctx.cfg.method.candidates_per_class), largest=largest)]
 
 
 _DYNAMICS = Stage("dynamics", ("dataset",), ("dataset", "teacher", "method", "evaluation"), _dynamics_shards, run_dynamics,
