@@ -304,8 +304,13 @@ def select_class(ctx: Context, c: int, inputs) -> tuple[np.ndarray, np.ndarray |
         feats = penultimate_features(teacher_of(ctx, inputs).model, split, pool, mean, std, ctx.device, cfg.runtime)
         order = herding(feats, ipc) if name == "herding" else k_center_greedy(feats, ipc)
         return pool[order], None
+    return kept_by_dynamics(ctx, pool, ipc, inputs)
+
+
+def kept_by_dynamics(ctx: Context, pool: np.ndarray, n: int, inputs) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` images of ``pool`` at the ``selection.keep`` end of the dynamics score, and their scores."""
     scores = dynamics_scores(ctx, inputs)[pool]
-    order = top_k(scores, ipc, largest=cfg.method.selection.keep == "largest")
+    order = top_k(scores, n, largest=ctx.cfg.method.selection.keep == "largest")
     return pool[order], scores[order]
 
 
@@ -323,9 +328,7 @@ def cad_pool(ctx: Context, c: int, inputs) -> np.ndarray:
     """CA2D's candidate pool of class ``c``: its ``candidates_per_class`` training images with the highest CAD
     (the lowest with ``selection.keep: smallest``)."""
     pool = ctx.source.train.class_indices(c)
-    scores = dynamics_scores(ctx, inputs)[pool]
-    largest = ctx.cfg.method.selection.keep == "largest"
-    return pool[top_k(scores, min(len(pool), ctx.cfg.method.candidates_per_class), largest=largest)]
+    return kept_by_dynamics(ctx, pool, min(len(pool), ctx.cfg.method.candidates_per_class), inputs)[0]
 
 
 _DYNAMICS = Stage("dynamics", ("dataset",), ("dataset", "teacher", "method", "evaluation"), _dynamics_shards, run_dynamics,
