@@ -240,6 +240,54 @@ class SelectionConfig(_Section):
         return self
 
 
+class DiffusionConfig(_Section):
+    """diffusion: a class-conditional UViT denoiser trained on the training split, then sampled with DPM-Solver
+    per class until ``images_per_class`` or ``time_budget_s``; the generated pool is reduced to ``ipc`` per
+    class by ``select``. Defaults fit 28 px images on a CPU (docs/diffusion.md)."""
+
+    space: Literal["pixel", "latent"] = Field(
+        "pixel", description="pixel: diffuse the images themselves (small images); latent: the latents of "
+        "``autoencoder`` (large images)."
+    )
+    autoencoder: str | None = Field(
+        None, description="latent: a diffusers AutoencoderKL (local folder or hub id) whose scaled latents are diffused."
+    )
+    patch_size: int = Field(4, ge=1, description="UViT patch side (in pixels, or latent cells).")
+    dim: int = Field(256, ge=8, description="UViT token width.")
+    depth: int = Field(9, ge=1, description="UViT blocks: (depth-1)/2 in, one middle, (depth-1)/2 out with long skips; odd.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / token width.")
+    timesteps: int = Field(1000, ge=2, description="Diffusion timesteps of the forward process.")
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
+        "linear", description="diffusers beta schedule (linear: DDPM's 1e-4..0.02)."
+    )
+    steps: int = Field(20000, ge=1, description="Training steps.")
+    batch_size: int = Field(128, ge=1, description="Training batch size.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (paper: 2e-4, betas 0.99/0.999).")
+    weight_decay: float = Field(0.03, ge=0, description="AdamW weight decay (paper: 0.03).")
+    warmup_steps: int = Field(500, ge=0, description="Linear learning-rate warm-up steps.")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the weights' moving average that sampling uses.")
+    class_dropout: float = Field(0.1, ge=0, lt=1, description="Probability a training label is replaced by the null "
+                                 "class (classifier-free guidance).")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between training checkpoints in the store (resume point).")
+    sampler_steps: int = Field(50, ge=1, description="DPM-Solver steps per sample (paper: 50).")
+    guidance: float = Field(2.0, ge=0, description="Classifier-free guidance scale: 1 conditional only, >1 stronger "
+                            "class signal (two model calls per step).")
+    images_per_class: int = Field(100, ge=1, description="Images generated per class (the pool ``select`` picks from).")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Wall-clock seconds of sampling for the whole run (each class-group shard gets its "
+        "classes' share); generation stops at the budget or images_per_class, whichever comes first."
+    )
+    sample_batch_size: int = Field(50, ge=1, description="Images per class sampled in one batch.")
+    select: Literal["random", "realism", "diversity"] = Field(
+        "realism", description="How the pool is reduced to ipc per class: random (seeded), realism (lowest teacher "
+        "cross-entropy, RDED's score) or diversity (k-center greedy on teacher features)."
+    )
+    reference_images: int = Field(
+        10000, ge=2, description="Real test images whose teacher features the Frechet distance compares against."
+    )
+
+
 SELECTIONS = ("random", "herding", "kcenter", "el2n", "forgetting", "cad")
 DYNAMICS_METHODS = ("el2n", "forgetting", "cad", "ca2d")
 
@@ -250,10 +298,11 @@ class MethodConfig(_Section):
     rded: Sun et al. CVPR'24, Algorithm 1 (scoring + stitching). sre2l, cda, gvbsm: recovery from noise against
     the teachers' statistics (the ``recovery`` sub-section). random, herding, kcenter, el2n, forgetting, cad:
     coreset selections of whole real images (the ``selection`` sub-section; cad is CAD-Prune). ca2d: RDED with
-    the candidate pool chosen by CAD-Prune instead of at random."""
+    the candidate pool chosen by CAD-Prune instead of at random. diffusion: images sampled from a class-conditional
+    denoiser trained on the data (the ``diffusion`` sub-section)."""
 
-    name: Literal["rded", "sre2l", "cda", "gvbsm", "random", "herding", "kcenter", "el2n", "forgetting", "cad", "ca2d"] = Field(
-        "rded", description="Distillation method.")
+    name: Literal["rded", "sre2l", "cda", "gvbsm", "random", "herding", "kcenter", "el2n", "forgetting", "cad", "ca2d",
+                  "diffusion"] = Field("rded", description="Distillation method.")
     ipc: int = Field(10, ge=1, description="Images per class in the distilled set.")
     candidates_per_class: int = Field(
         300, ge=1, description="|T'_c|: images drawn at random per class before scoring (paper: 300)."
@@ -275,6 +324,9 @@ class MethodConfig(_Section):
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="sre2l, cda, gvbsm: recovery settings.")
     selection: SelectionConfig = Field(
         default_factory=SelectionConfig, description="Coreset selections and ca2d: proxies, checkpoints, CAD windows."
+    )
+    diffusion: DiffusionConfig = Field(
+        default_factory=DiffusionConfig, description="diffusion: the denoiser, its training, sampling and selection."
     )
 
     @property

@@ -1,0 +1,346 @@
+"""Generative distillation: a class-conditional UViT denoiser, its training, DPM-Solver sampling, and the
+Frechet distance on teacher features.
+
+The denoiser follows UViT (Bao et al. CVPR'23), the backbone of the ECCV'24 challenge winner
+(``../shared/seeds/004_*``): the image (or an autoencoder's latent) is cut into patches, and the patch
+tokens, a time token and a class token go through transformer blocks with long skip connections from each
+shallow block to its deep mirror; a linear head turns the patch tokens back into pixels and a 3x3
+convolution smooths patch borders. The class index ``num_classes`` is the null class of classifier-free
+guidance (labels are dropped to it with probability ``class_dropout`` in training).
+
+Noise schedules and the DPM-Solver sampler come from ``diffusers`` (DDPMScheduler for the forward process,
+DPMSolverMultistepScheduler, an ODE solver, for sampling). Training is resumable bit for bit: every
+random draw of step ``s`` (batch, noise, timesteps, label dropout) comes from a generator seeded by
+``(seed, s)``, so a run restored from a checkpoint (step, weights, EMA weights, optimiser state) continues
+exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpipe.augment import generator, seed_for
+from ddpipe.config import DiffusionConfig, RuntimeConfig
+from ddpipe.data import Split
+from ddpipe.errors import CheckpointError, ConfigError
+from ddpipe.train import autocast, batch_to
+
+# ---------------------------------------------------------------- the UViT denoiser
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding of (float) timesteps, [n] -> [n, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; ``skip`` blocks first merge the long skip (concat + linear)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, skip: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        n, length, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, dim)
+        x = x + self.proj(a)
+        return x + self.mlp(self.norm2(x))
+
+
+class UViT(nn.Module):
+    """Class-conditional UViT: ``forward(x, t, y)`` predicts the noise in ``x`` at timesteps ``t`` for classes
+    ``y`` (``num_classes`` = the null class). ``depth`` counts every block: (depth-1)/2 in, one middle,
+    (depth-1)/2 out, each out block fed by the long skip of its mirror in block."""
+
+    def __init__(self, image_size: int, channels: int, num_classes: int, patch_size: int = 4, dim: int = 256,
+                 depth: int = 9, heads: int = 4, mlp_ratio: float = 4.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise ConfigError(f"method.diffusion.patch_size ({patch_size}) must divide the input size ({image_size})")
+        if depth % 2 == 0:
+            raise ConfigError(f"method.diffusion.depth ({depth}) must be odd (in blocks, one middle, out blocks)")
+        if dim % heads:
+            raise ConfigError(f"method.diffusion.dim ({dim}) must be a multiple of method.diffusion.heads ({heads})")
+        self.channels, self.patch_size, self.num_classes = channels, patch_size, num_classes
+        self.grid = image_size // patch_size
+        self.patch_embed = nn.Conv2d(channels, dim, patch_size, stride=patch_size)
+        self.time_embed = nn.Sequential(nn.Linear(dim, 4 * dim), nn.SiLU(), nn.Linear(4 * dim, dim))
+        self.label_embed = nn.Embedding(num_classes + 1, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 2 + self.grid**2, dim))
+        half = (depth - 1) // 2
+        self.in_blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(half))
+        self.mid_block = Block(dim, heads, mlp_ratio)
+        self.out_blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, skip=True) for _ in range(half))
+        self.norm = nn.LayerNorm(dim)
+        self.decoder = nn.Linear(dim, patch_size**2 * channels)
+        self.final = nn.Conv2d(channels, channels, 3, padding=1)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        t = t.expand(n) if t.dim() == 0 else t
+        time_token = self.time_embed(timestep_embedding(t, tokens.shape[-1]))[:, None]
+        x = torch.cat([time_token, self.label_embed(y)[:, None], tokens], dim=1) + self.pos_embed
+        skips = []
+        for block in self.in_blocks:
+            x = block(x)
+            skips.append(x)
+        x = self.mid_block(x)
+        for block in self.out_blocks:
+            x = block(x, skips.pop())
+        x = self.decoder(self.norm(x))[:, 2:]
+        p, g, c = self.patch_size, self.grid, self.channels
+        x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, g * p, g * p)
+        return self.final(x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------- pixel or latent space
+
+
+class Space:
+    """Where diffusion happens: pixels scaled to [-1, 1], or an ``AutoencoderKL``'s scaled latents."""
+
+    def __init__(self, cfg: DiffusionConfig, image_size: int, channels: int, device: torch.device):
+        self.cfg, self.image_size, self.image_channels, self.device = cfg, image_size, channels, device
+        self.vae = None
+        if cfg.space == "latent":
+            if not cfg.autoencoder:
+                raise ConfigError("method.diffusion.space: latent needs method.diffusion.autoencoder (a diffusers "
+                                  "AutoencoderKL folder or hub id)")
+            from diffusers import AutoencoderKL
+
+            try:
+                self.vae = AutoencoderKL.from_pretrained(cfg.autoencoder).to(device).eval().requires_grad_(False)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"method.diffusion.autoencoder '{cfg.autoencoder}' cannot be loaded: "
+                                      f"{str(e).splitlines()[0]}") from None
+            self.scale = float(self.vae.config.scaling_factor)
+            down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.size, self.channels = image_size // down, int(self.vae.config.latent_channels)
+        else:
+            self.size, self.channels = image_size, channels
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] on the device -> what the denoiser sees."""
+        x = images * 2 - 1
+        if self.vae is None:
+            return x
+        if x.shape[1] == 1 and self.vae.config.in_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            return self.vae.encode(x).latent_dist.mean * self.scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Denoised samples -> images in [0, 1]."""
+        if self.vae is not None:
+            with torch.no_grad():
+                z = self.vae.decode(z / self.scale).sample
+            if self.image_channels == 1 and z.shape[1] == 3:
+                z = z.mean(1, keepdim=True)
+        return ((z + 1) / 2).clamp(0, 1)
+
+
+def build_denoiser(cfg: DiffusionConfig, space: Space, num_classes: int) -> UViT:
+    return UViT(space.size, space.channels, num_classes, cfg.patch_size, cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio)
+
+
+def noise_scheduler(cfg: DiffusionConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule=cfg.beta_schedule)
+
+
+def sampler(cfg: DiffusionConfig):
+    """DPM-Solver++ (2nd order, multistep), deterministic given the starting noise."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(num_train_timesteps=cfg.timesteps, beta_schedule=cfg.beta_schedule,
+                                       algorithm_type="dpmsolver++", solver_order=2)
+
+
+# ---------------------------------------------------------------- training
+
+
+def state_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def read_state(data: bytes, name: str) -> dict:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one clear error
+        raise CheckpointError(f"diffusion checkpoint {name} is unreadable: {str(e).splitlines()[0]}") from None
+
+
+def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes: int, seed: int,
+                   device: torch.device, runtime: RuntimeConfig, resume: dict | None = None,
+                   save: Callable[[dict], None] | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Train the denoiser on every image of ``split``; return the final state.
+
+    ``resume``: a state from ``save`` (``step``, ``model``, ``ema``, ``optimizer``, ``losses``) to continue from.
+    ``save(state)`` is called every ``cfg.checkpoint_every`` steps and at the end. The state's ``ema`` holds the
+    exponential moving average of the weights (what sampling uses), ``losses`` the mean loss of every 50 steps.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_for(seed, "diffusion", "init"))
+        model = build_denoiser(cfg, space, num_classes).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.99, 0.999))
+    sched = noise_scheduler(cfg)
+    alphas = sched.alphas_cumprod.to(device)
+    start, losses = 0, []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["optimizer"])
+        start, losses = int(resume["step"]), list(resume["losses"])
+    n = len(split)
+    window = []
+    for step in range(start, cfg.steps):
+        gen = generator(seed, "diffusion", step)
+        idx = np.sort(torch.randint(0, n, (cfg.batch_size,), generator=gen).numpy())
+        x0 = space.encode(batch_to(split.batch(idx).float() / 255, device, runtime))
+        y = torch.from_numpy(split.labels[idx]).to(device)
+        drop = torch.rand(len(y), generator=gen) < cfg.class_dropout
+        y = torch.where(drop.to(device), torch.full_like(y, num_classes), y)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, cfg.timesteps, (len(y),), generator=gen).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        with autocast(device, runtime):
+            loss = F.mse_loss(model(xt, t, y).float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - cfg.ema_decay)
+        window.append(loss.item())
+        if len(window) == 50 or step + 1 == cfg.steps:
+            losses.append(sum(window) / len(window))
+            window = []
+        if progress:
+            progress(step + 1, cfg.steps)
+        done = step + 1
+        if save and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            save(_state(done, model, ema, opt, losses))
+    return _state(max(start, cfg.steps), model, ema, opt, losses)
+
+
+def _state(step: int, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, losses: list[float]) -> dict:
+    cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
+    return {"step": step, "model": cpu(model.state_dict()), "ema": cpu(ema.state_dict()),
+            "optimizer": opt.state_dict(), "losses": list(losses)}
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample(model: nn.Module, cfg: DiffusionConfig, space: Space, classes: torch.Tensor, noise: torch.Tensor,
+           device: torch.device, runtime: RuntimeConfig) -> torch.Tensor:
+    """Images in [0, 1] for ``classes``, from the starting ``noise`` (shape of the diffusion space), with
+    ``cfg.sampler_steps`` DPM-Solver steps and classifier-free guidance ``cfg.guidance`` (1: conditional
+    only; above 1 pushes away from the unconditional prediction; each step then calls the model twice)."""
+    solver = sampler(cfg)
+    solver.set_timesteps(cfg.sampler_steps, device=device)
+    x = noise.to(device) * solver.init_noise_sigma
+    y = classes.to(device)
+    null = torch.full_like(y, model.num_classes)
+    for t in solver.timesteps:
+        with autocast(device, runtime):
+            if cfg.guidance == 1.0:
+                eps = model(x, t, y).float()
+            else:
+                both = model(torch.cat([x, x]), t, torch.cat([y, null])).float()
+                cond, uncond = both.chunk(2)
+                eps = uncond + cfg.guidance * (cond - uncond)
+        x = solver.step(eps, t, x).prev_sample
+    return space.decode(x)
+
+
+def generate_class(model: nn.Module, cfg: DiffusionConfig, space: Space, c: int, start: int, count: int, seed: int,
+                   device: torch.device, runtime: RuntimeConfig) -> torch.Tensor:
+    """Images ``start .. start+count-1`` of class ``c``: image ``j``'s starting noise depends only on
+    (seed, c, j), so a class's images are the same whatever the batch size or time budget."""
+    noise = torch.stack([torch.randn(space.channels, space.size, space.size, generator=generator(seed, "generate", c, j))
+                         for j in range(start, start + count)])
+    return sample(model, cfg, space, torch.full((count,), c, dtype=torch.int64), noise, device, runtime).cpu()
+
+
+def generation_plan(cfg: DiffusionConfig, classes: tuple[int, ...], num_classes: int,
+                    clock: Callable[[], float] = time.perf_counter):
+    """Yield ``(class, start, count)`` batches, round robin over ``classes``, until every class has
+    ``cfg.images_per_class`` images or this shard's share of ``cfg.time_budget_s`` is spent (at least one
+    round always runs, so every class gets images)."""
+    budget = None if cfg.time_budget_s is None else cfg.time_budget_s * len(classes) / num_classes
+    t0, made = clock(), 0
+    while made < cfg.images_per_class:
+        count = min(cfg.sample_batch_size, cfg.images_per_class - made)
+        for c in classes:
+            yield c, made, count
+        made += count
+        if budget is not None and clock() - t0 >= budget:
+            return
+
+
+# ---------------------------------------------------------------- quality
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [n, d] (FID's formula on any features):
+    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2), in float64 via symmetric eigendecompositions."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"frechet_distance needs two [n>=2, d] feature sets of the same d (got {a.shape}, {b.shape})")
+    mu = a.mean(0) - b.mean(0)
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(sa)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(root_a @ sb @ root_a)
+    value = mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(max(value, 0.0))

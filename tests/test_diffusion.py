@@ -1,0 +1,137 @@
+"""The diffusion method on real Fashion-MNIST slices: denoiser training, resume, sampling, Frechet distance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import smoke_config
+from ddpipe.config import DiffusionConfig, RuntimeConfig
+from ddpipe.data import open_source
+from ddpipe.diffusion import (
+    Space, UViT, build_denoiser, frechet_distance, generate_class, generation_plan, sample, train_denoiser,
+)
+from ddpipe.errors import ConfigError
+
+CPU, RT = torch.device("cpu"), RuntimeConfig()
+TINY = dict(dim=32, depth=3, heads=2, patch_size=7, batch_size=32, warmup_steps=0, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return open_source(smoke_config(tmp_path_factory.mktemp("d"))).train
+
+
+def _space(cfg: DiffusionConfig) -> Space:
+    return Space(cfg, 28, 1, CPU)
+
+
+def test_training_loss_falls(split):
+    cfg = DiffusionConfig(**{**TINY, "dim": 64, "patch_size": 4, "steps": 150, "lr": 1e-3, "checkpoint_every": 1000})
+    state = train_denoiser(cfg, split, _space(cfg), 10, seed=0, device=CPU, runtime=RT)
+    first, last = state["losses"][0], state["losses"][-1]
+    assert state["step"] == 150 and len(state["losses"]) == 3
+    assert last < 0.8 * first, f"mean loss of the first 50 steps {first:.3f}, of the last 50 {last:.3f}"
+
+
+def test_killed_training_resumes_from_last_checkpoint(split):
+    cfg = DiffusionConfig(**{**TINY, "steps": 7})
+    whole = train_denoiser(cfg, split, _space(cfg), 10, seed=3, device=CPU, runtime=RT)
+
+    saved = []
+
+    def save_then_die(state):
+        saved.append(state)
+        raise KeyboardInterrupt  # the process is killed right after its first checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train_denoiser(cfg, split, _space(cfg), 10, seed=3, device=CPU, runtime=RT, save=save_then_die)
+    checkpoint = saved[0]
+    assert checkpoint["step"] == 3
+    adam_steps = {int(s["step"]) for s in checkpoint["optimizer"]["state"].values()}
+    assert adam_steps == {3}
+
+    seen = []
+    resumed = train_denoiser(cfg, split, _space(cfg), 10, seed=3, device=CPU, runtime=RT, resume=checkpoint,
+                             progress=lambda done, total: seen.append(done))
+    assert seen[0] == 4 and seen[-1] == 7  # continues at step 4, does not redo steps 1-3
+    assert {int(s["step"]) for s in resumed["optimizer"]["state"].values()} == {7}
+    for k in whole["ema"]:
+        assert torch.equal(whole["ema"][k], resumed["ema"][k]), k
+        assert torch.equal(whole["model"][k], resumed["model"][k]), k
+
+
+def test_sampling_is_deterministic_and_runs_the_configured_steps():
+    cfg = DiffusionConfig(**{**TINY, "sampler_steps": 7, "guidance": 1.0})
+    model = build_denoiser(cfg, _space(cfg), 10).eval()
+    calls = []
+    model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    a = generate_class(model, cfg, _space(cfg), c=3, start=0, count=4, seed=1, device=CPU, runtime=RT)
+    assert len(calls) == 7
+    b = generate_class(model, cfg, _space(cfg), c=3, start=0, count=4, seed=1, device=CPU, runtime=RT)
+    assert torch.equal(a, b) and a.shape == (4, 1, 28, 28) and a.min() >= 0 and a.max() <= 1
+    # image j's noise depends on (seed, class, j) only: a later batch reproduces the same image
+    c = generate_class(model, cfg, _space(cfg), c=3, start=2, count=2, seed=1, device=CPU, runtime=RT)
+    assert torch.allclose(a[2:], c, atol=1e-6)
+    other = generate_class(model, cfg, _space(cfg), c=3, start=0, count=4, seed=2, device=CPU, runtime=RT)
+    assert not torch.equal(a, other)
+
+    calls.clear()
+    guided = cfg.model_copy(update={"guidance": 3.0})
+    sample(model, guided, _space(guided), torch.tensor([1, 2]), torch.randn(2, 1, 28, 28), CPU, RT)
+    assert calls == [4] * 7  # one batched call per step: conditional and unconditional halves
+
+
+def test_uvit_shapes_and_bad_geometry():
+    model = UViT(28, 1, 10, patch_size=4, dim=32, depth=5, heads=4)
+    x = torch.randn(3, 1, 28, 28)
+    assert model(x, torch.tensor([1, 500, 999]), torch.tensor([0, 9, 10])).shape == x.shape
+    assert len(model.in_blocks) == 2 and len(model.out_blocks) == 2
+    with pytest.raises(ConfigError, match="patch_size"):
+        UViT(28, 1, 10, patch_size=5)
+    with pytest.raises(ConfigError, match="depth"):
+        UViT(28, 1, 10, depth=4)
+
+
+def test_latent_space_round_trip(tmp_path):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=4).save_pretrained(tmp_path / "vae")
+    cfg = DiffusionConfig(**{**TINY, "space": "latent", "autoencoder": str(tmp_path / "vae"), "patch_size": 2,
+                             "sampler_steps": 2})
+    space = _space(cfg)
+    assert (space.size, space.channels) == (14, 4)
+    z = space.encode(torch.rand(2, 1, 28, 28))
+    assert z.shape == (2, 4, 14, 14)
+    model = build_denoiser(cfg, space, 10).eval()
+    images = generate_class(model, cfg, space, c=0, start=0, count=2, seed=0, device=CPU, runtime=RT)
+    assert images.shape == (2, 1, 28, 28)
+    with pytest.raises(Exception, match="autoencoder"):
+        Space(cfg.model_copy(update={"autoencoder": str(tmp_path / "missing")}), 28, 1, CPU)
+
+
+def test_generation_plan_count_and_budget():
+    cfg = DiffusionConfig(images_per_class=5, sample_batch_size=2)
+    plan = list(generation_plan(cfg, (0, 1), 2))
+    assert plan == [(0, 0, 2), (1, 0, 2), (0, 2, 2), (1, 2, 2), (0, 4, 1), (1, 4, 1)]
+    ticks = iter(range(100))
+    budget = cfg.model_copy(update={"time_budget_s": 2.0})  # this shard's share: 2 s x 2/4 classes = 1 s
+    plan = list(generation_plan(budget, (0, 1), 4, clock=lambda: next(ticks)))
+    assert plan == [(0, 0, 2), (1, 0, 2)]  # one round, then the clock says the budget is spent
+
+
+def test_frechet_distance(split):
+    feats = split.batch(np.arange(400)).float().flatten(1)[:, ::16].numpy() / 255
+    assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-8)
+    shifts = [frechet_distance(feats, feats + s) for s in (0.1, 0.2, 0.4)]
+    d = feats.shape[1]
+    assert shifts == pytest.approx([d * 0.01, d * 0.04, d * 0.16], rel=1e-6)  # a pure shift adds |mu|^2
+    other = split.batch(np.arange(400, 800)).float().flatten(1)[:, ::16].numpy() / 255
+    assert 0 < frechet_distance(feats, other) < frechet_distance(feats, other * 0.5)
+    with pytest.raises(ValueError, match="same d"):
+        frechet_distance(feats, feats[:, :3])
