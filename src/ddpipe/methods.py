@@ -23,6 +23,7 @@ gvbsm          moments                ``statistics/moments/<shard>.pt`` (per tea
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,10 @@ from ddpipe import progress
 from ddpipe.augment import generator, seed_for
 from ddpipe.config import RunConfig
 from ddpipe.coreset import cad_scores, forgetting_events, herding, k_center_greedy, top_k
+from ddpipe.data import ArraySplit
+from ddpipe.diffusion import (
+    Space, build_denoiser, frechet_distance, generate_class, generation_plan, read_state, state_bytes, train_denoiser,
+)
 from ddpipe.dynamics import dynamics_table, read_dynamics, record_dynamics
 from ddpipe.errors import DataError
 from ddpipe.evaluate import student_batch_size, student_steps
@@ -42,12 +47,12 @@ from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
 from ddpipe.rded import score_class, selected_rows, stitch_class
 from ddpipe.recovery import recover
 from ddpipe.stages import (
-    DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, class_groups, image_path, png_bytes, provenance_table,
-    random_picks, teacher_files, teacher_of, write_image_set_class, write_real_images,
+    DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, single_shard, class_groups, image_path, load_class_images, png_bytes,
+    provenance_table, random_picks, teacher_files, teacher_of, write_image_set_class, write_real_images,
 )
 from ddpipe.statistics import collect, global_statistics, merge, moments_bytes, read_moments, read_statistics, statistics_bytes
-from ddpipe.store import FileRecord, sha256_bytes, table_bytes
-from ddpipe.train import penultimate_features, to_device
+from ddpipe.store import FileRecord, Store, sha256_bytes, table_bytes
+from ddpipe.train import logits_of, penultimate_features, to_device
 
 # ---------------------------------------------------------------- RDED
 
@@ -331,6 +336,180 @@ def cad_pool(ctx: Context, c: int, inputs) -> np.ndarray:
     return kept_by_dynamics(ctx, pool, min(len(pool), ctx.cfg.method.candidates_per_class), inputs)[0]
 
 
+# ---------------------------------------------------------------- diffusion
+
+
+def diffusion_key(ctx: Context) -> str:
+    """What a trained denoiser depends on: data, the training fields of ``method.diffusion``, seed, code."""
+    cfg = ctx.cfg
+    recipe = cfg.method.diffusion.model_dump(mode="json", include=set(TRAINING_FIELDS))
+    payload = {"data": ctx.source.train.fingerprint, "dataset": json.loads(cfg.section_json("dataset")),
+               "diffusion": recipe, "seed": cfg.seed, "code": code_hash("augment", "data", "diffusion")}
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+
+
+TRAINING_FIELDS = ("space", "autoencoder", "patch_size", "dim", "depth", "heads", "mlp_ratio", "timesteps",
+                   "beta_schedule", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
+                   "class_dropout")
+
+
+def diffusion_space(ctx: Context) -> Space:
+    return ctx.cached("diffusion-space", lambda: Space(ctx.cfg.method.diffusion, ctx.cfg.image_size, ctx.cfg.channels,
+                                                      ctx.device))
+
+
+def run_diffusion(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Train the denoiser (shared across runs in ``<store>/shared/diffusion/<key>``), resuming from that folder's
+    ``checkpoint.pt`` when an earlier attempt stopped."""
+    cfg, dc = ctx.cfg, ctx.cfg.method.diffusion
+    key = diffusion_key(ctx)
+    shared = Store(cfg.store.uri, cfg.store.storage_options).child(f"shared/diffusion/{key}")
+
+    def train() -> dict[str, bytes]:
+        resume = None
+        if shared.exists("checkpoint.pt"):
+            resume = read_state(shared.read_bytes("checkpoint.pt"), shared.url("checkpoint.pt"))
+        t0 = time.perf_counter()
+        state = train_denoiser(dc, ctx.source.train, diffusion_space(ctx), ctx.source.num_classes, cfg.seed,
+                               ctx.device, cfg.runtime, resume=resume,
+                               save=lambda st: shared.write_bytes("checkpoint.pt", state_bytes(st)),
+                               progress=progress.stepper("diffusion", shard.id, every=10))
+        info = {"steps": state["step"], "resumed_from_step": resume["step"] if resume else 0,
+                "loss_every_50_steps": [round(v, 6) for v in state["losses"]],
+                "seconds": round(time.perf_counter() - t0, 3),
+                "parameters": sum(v.numel() for v in state["ema"].values())}
+        return {"denoiser.pt": state_bytes({"ema": state["ema"], "classes": ctx.source.classes}),
+                "training.json": json.dumps(info, indent=1).encode()}
+
+    out = shared_outputs(cfg, "diffusion", key, train)
+    shared.remove("checkpoint.pt")  # the finished weights are in denoiser.pt
+    return [ctx.store.write_bytes(f"diffusion/{name}", data) for name, data in sorted(out.items())]
+
+
+def denoiser_of(ctx: Context, inputs) -> torch.nn.Module:
+    """The trained denoiser's EMA weights, on the run's device, memoised per context."""
+    def load():
+        state = read_state(ctx.store.read_bytes("diffusion/denoiser.pt"), ctx.store.url("diffusion/denoiser.pt"))
+        model = build_denoiser(ctx.cfg.method.diffusion, diffusion_space(ctx), ctx.source.num_classes)
+        model.load_state_dict(state["ema"])
+        return model.to(ctx.device).eval()
+
+    return ctx.cached(f"denoiser:{inputs['diffusion'].sha256}", load)
+
+
+def run_generation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Sample a class group's images until ``images_per_class`` or its share of ``time_budget_s``:
+    ``generated/images/...png``, ``generated/provenance/class=C.parquet``, ``generation/<shard>.json``."""
+    cfg, store, dc = ctx.cfg, ctx.store, ctx.cfg.method.diffusion
+    model, space = denoiser_of(ctx, inputs), diffusion_space(ctx)
+    made = {c: 0 for c in shard.classes}
+    files = []
+    t0 = time.perf_counter()
+    for c, start, count in generation_plan(dc, shard.classes, ctx.source.num_classes):
+        images = generate_class(model, dc, space, c, start, count, cfg.seed, ctx.device, cfg.runtime)
+        files += [store.write_bytes(image_path("generated", c, start + j), png_bytes(to_uint8(img)))
+                  for j, img in enumerate(images)]
+        made[c] = start + count
+        progress.emit("step", "generation", shard.id, sum(made.values()), dc.images_per_class * len(made))
+    seconds = time.perf_counter() - t0
+    size = cfg.image_size
+    for c, n in made.items():
+        rows = [{"class_index": c, "ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": -1,
+                 "source_id": "", "top": 0, "left": 0, "height": 0, "width": 0, "score": None} for j in range(n)]
+        files.append(store.write_table(f"generated/provenance/class={c:05d}.parquet", provenance_table("generated", rows)))
+    info = {"images": {str(c): n for c, n in made.items()}, "seconds": round(seconds, 3),
+            "images_per_second": round(sum(made.values()) / max(seconds, 1e-9), 3), "device": str(ctx.device)}
+    files.append(store.write_bytes(f"generation/{shard.id}.json", json.dumps(info, indent=1).encode()))
+    return files
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    return (image * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def generated_pool(ctx: Context, c: int) -> torch.Tensor:
+    return load_class_images(ctx, "generated", c)[1]
+
+
+def run_quality(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """How real the generated pool looks to the teacher: its accuracy on the pool (per class and overall) and the
+    Frechet distance between teacher features of the pool and of real test images; a sample grid PNG."""
+    cfg, src = ctx.cfg, ctx.source
+    teacher = teacher_of(ctx, inputs).model
+    mean, std = cfg.normalization
+    pools = [generated_pool(ctx, c) for c in range(src.num_classes)]
+    pool = ArraySplit("generated", torch.cat(pools).numpy(),
+                      np.concatenate([np.full(len(p), c) for c, p in enumerate(pools)]), src.num_classes, "generated")
+    everything = np.arange(len(pool))
+    logits = logits_of(teacher, pool, everything, mean, std, ctx.device, cfg.runtime)
+    correct = logits.argmax(1).numpy() == pool.labels
+    n_ref = min(cfg.method.diffusion.reference_images, len(src.test))
+    ref = np.sort(torch.randperm(len(src.test), generator=generator(cfg.seed, "quality"))[:n_ref].numpy())
+    fd = frechet_distance(penultimate_features(teacher, pool, everything, mean, std, ctx.device, cfg.runtime).numpy(),
+                          penultimate_features(teacher, src.test, ref, mean, std, ctx.device, cfg.runtime).numpy())
+    quality = {
+        "generated_images": len(pool), "reference_images": n_ref, "frechet_distance": round(fd, 6),
+        "teacher_accuracy": round(float(correct.mean()), 6),
+        "teacher_accuracy_per_class": {src.classes[c]: round(float(correct[pool.labels == c].mean()), 6)
+                                       for c in range(src.num_classes)},
+    }
+    return [ctx.store.write_bytes("generation/quality.json", json.dumps(quality, indent=1).encode()),
+            ctx.store.write_bytes("generation/grid.png", png_bytes(image_grid([p[:10] for p in pools])))]
+
+
+def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """uint8 images [n_i, C, H, W] per row -> one uint8 [C, H', W'] grid (rows: classes)."""
+    c, h, w = rows[0].shape[1:]
+    cols = max(len(r) for r in rows)
+    grid = torch.full((c, len(rows) * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(r):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[:, top:top + h, left:left + w] = img
+    return grid
+
+
+def run_generated_selection(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Reduce each class's generated pool to ``ipc`` images by ``method.diffusion.select``."""
+    cfg, dc = ctx.cfg, ctx.cfg.method.diffusion
+    ipc, mean, std = cfg.method.ipc, *cfg.normalization
+    teacher = teacher_of(ctx, inputs).model
+    files = []
+    for c in shard.classes:
+        paths, images = load_class_images(ctx, "generated", c)
+        if len(images) < ipc:
+            raise DataError(f"class {c}: {len(images)} generated images, fewer than method.ipc={ipc} (raise "
+                            "method.diffusion.time_budget_s or images_per_class)")
+        pool = ArraySplit("generated", images.numpy(), np.full(len(images), c), ctx.source.num_classes, "generated")
+        scores = None
+        if dc.select == "random":
+            picks = torch.randperm(len(images), generator=generator(cfg.seed, "generated-select", c))[:ipc].tolist()
+        elif dc.select == "realism":
+            logits = logits_of(teacher, pool, np.arange(len(pool)), mean, std, ctx.device, cfg.runtime)
+            scores = torch.nn.functional.cross_entropy(logits, torch.full((len(pool),), c), reduction="none").numpy()
+            picks = top_k(scores, ipc, largest=False)
+            scores = scores[picks]
+        else:
+            feats = penultimate_features(teacher, pool, np.arange(len(pool)), mean, std, ctx.device, cfg.runtime)
+            picks = k_center_greedy(feats, ipc)
+        size = cfg.image_size
+        rows = [{"ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": -1, "source_id": paths[i],
+                 "top": 0, "left": 0, "height": size, "width": size,
+                 "score": None if scores is None else float(scores[j])} for j, i in enumerate(picks)]
+        files += write_image_set_class(ctx.store, "distilled", c, images[picks], rows)
+    return files
+
+
+_DIFFUSION = Stage("diffusion", ("dataset",), ("dataset",), single_shard("diffusion"), run_diffusion,
+                   fingerprint=lambda ctx: diffusion_key(ctx),
+                   doc="train the class-conditional denoiser (shared across runs; resumes from its last checkpoint)")
+_GENERATION = Stage("generation", ("dataset", "diffusion"), ("dataset", "method"), class_groups, run_generation,
+                    doc="sample images per class with DPM-Solver until the count or the time budget")
+_QUALITY = Stage("quality", ("dataset", "teacher", "generation"), ("dataset", "method"), single_shard("quality"), run_quality,
+                 doc="teacher accuracy and Frechet distance of the generated pool; a sample grid")
+_GENERATED_SELECTION = Stage("synthesis", ("dataset", "teacher", "generation"), ("dataset", "method"), class_groups,
+                             run_generated_selection, doc="keep ipc generated images per class")
+
 _DYNAMICS = Stage("dynamics", ("dataset",), ("dataset", "teacher", "method", "evaluation"), _dynamics_shards, run_dynamics,
                   doc="train proxies on the full set; record each sample's EL2N and correctness at checkpoints")
 _SELECTION = Stage("synthesis", ("dataset", "teacher"), ("dataset", "method"), class_groups, run_selection,
@@ -352,6 +531,7 @@ METHODS: dict[str, tuple[Stage, ...]] = {
     "forgetting": (_DYNAMICS, _DYNAMICS_SELECTION),
     "cad": (_DYNAMICS, _DYNAMICS_SELECTION),
     "ca2d": (_DYNAMICS, _CA2D_SCORING, RDED[1]),
+    "diffusion": (_DIFFUSION, _GENERATION, _QUALITY, _GENERATED_SELECTION),
 }
 
 

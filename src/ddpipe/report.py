@@ -22,6 +22,9 @@ Schema (all accuracies are fractions in [0, 1]):
   "scores": {"hard_label_recovery": 0.1,                  # full - distilled under hard labels (needs "full")
              "label_robust_score": {"<regime>": 0.4}},     # DD-Ranking LRS of that regime's IOR and the HLR
   "cross_architecture": [{"model": {"name": "resnet18_small", ...}, "regimes": {as above}}],  # evaluation.cross_models
+  "generation": {"generated_images": 1000, "frechet_distance": 12.3,   # diffusion only (else null):
+                 "teacher_accuracy": 0.9, "teacher_accuracy_per_class": {...},  # generation/quality.json
+                 "reference_images": 10000, "sampling_seconds": 60.0, "images_per_second": 16.7},
   "stages": {"<stage>": {"seconds": 1.2, "shards": 5, "files": 10, "bytes": 1234}},
   "total_seconds": 12.3
 }
@@ -69,12 +72,25 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
         "regimes": regimes,
         "scores": scores(regimes),
         "cross_architecture": cross,
+        "generation": generation_summary(store, manifests),
         "stages": {
             name: {"seconds": round(timings.get(name, 0.0), 3), "shards": m.shards, "files": m.files, "bytes": m.bytes}
             for name, m in manifests.items()
         },
         "total_seconds": round(sum(timings.values()), 3),
     }
+
+
+def generation_summary(store, manifests: dict[str, StageManifest]) -> dict | None:
+    """The diffusion method's generated pool: quality.json plus the sampling speed over every generation shard."""
+    if "quality" not in manifests:
+        return None
+    shards = [json.loads(store.read_bytes(f.path)) for f in stage_files(store, manifests["generation"])
+              if f.path.startswith("generation/") and f.path.endswith(".json")]
+    seconds = sum(s["seconds"] for s in shards)
+    images = sum(sum(s["images"].values()) for s in shards)
+    return {**json.loads(store.read_bytes("generation/quality.json")), "sampling_seconds": round(seconds, 3),
+            "images_per_second": round(images / max(seconds, 1e-9), 3)}
 
 
 def regime_results(results: list[dict], regimes, student: int) -> dict:
@@ -144,4 +160,9 @@ def results_table(report: dict) -> str:
         lines.append(f"full training set, hard labels, same budget: {cell(hard['full']).strip()}   "
                      f"HLR {delta(hlr).strip()}   LRS " + "  ".join(
                          f"{r} {v:.3f}" for r, v in report["scores"]["label_robust_score"].items() if v is not None))
+    g = report.get("generation")
+    if g:
+        lines.append(f"generated pool: {g['generated_images']} images at {g['images_per_second']:.2f}/s, teacher "
+                     f"top-1 on it {100 * g['teacher_accuracy']:.2f}%, Frechet distance (teacher features) "
+                     f"{g['frechet_distance']:.3f}")
     return "\n".join(lines)

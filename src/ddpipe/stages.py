@@ -415,7 +415,8 @@ def preflight(cfg) -> None:
 # ---------------------------------------------------------------- the shared stages
 
 
-def _one(name: str):
+def single_shard(name: str):
+    """A stage plan of one shard named ``name``."""
     return lambda ctx, num_classes: [Shard(id=name)]
 
 
@@ -443,7 +444,7 @@ def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
 # Every method's run starts with DATASET and TEACHER, then its own stages, the last of which is named
 # "synthesis" and writes the distilled set (distilled/images, distilled/provenance); then the baseline,
 # the labels and the evaluation, which are the same for every method (see ddpipe.methods).
-DATASET = Stage("dataset", (), ("dataset", "method"), _one("dataset"), run_dataset,
+DATASET = Stage("dataset", (), ("dataset", "method"), single_shard("dataset"), run_dataset,
                 fingerprint=lambda ctx: ctx.source.fingerprint,
                 doc="list classes, count images, fingerprint the data")
 TEACHER = Stage("teacher", ("dataset",), ("dataset", "teacher"), _teacher_shards, run_teacher,
