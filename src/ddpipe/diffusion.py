@@ -307,9 +307,14 @@ def generate_class(model: nn.Module, cfg: DiffusionConfig, space: Space, c: int,
                    device: torch.device, runtime: RuntimeConfig) -> torch.Tensor:
     """Images ``start .. start+count-1`` of class ``c``: image ``j``'s starting noise depends only on
     (seed, c, j), so a class's images are the same whatever the batch size or time budget."""
-    noise = torch.stack([torch.randn(space.channels, space.size, space.size, generator=generator(seed, "generate", c, j))
-                         for j in range(start, start + count)])
+    noise = start_noise(space, seed, c, range(start, start + count))
     return sample(model, cfg, space, torch.full((count,), c, dtype=torch.int64), noise, device, runtime).cpu()
+
+
+def start_noise(space: Space, seed: int, c: int, indices) -> torch.Tensor:
+    """The starting noise of images ``indices`` of class ``c``; image j's depends only on (seed, c, j)."""
+    return torch.stack([torch.randn(space.channels, space.size, space.size, generator=generator(seed, "generate", c, j))
+                        for j in indices])
 
 
 def generation_plan(cfg: DiffusionConfig, classes: tuple[int, ...], num_classes: int,
