@@ -34,7 +34,7 @@ from ddpipe import progress
 from ddpipe.augment import generator, seed_for
 from ddpipe.config import RunConfig
 from ddpipe.coreset import cad_scores, forgetting_events, herding, k_center_greedy, top_k
-from ddpipe.data import ArraySplit
+from ddpipe.data import ArraySplit, normalize
 from ddpipe.diffusion import (
     Space, build_denoiser, frechet_distance, generate_class, generation_plan, read_state, state_bytes, train_denoiser,
 )
@@ -52,7 +52,7 @@ from ddpipe.stages import (
 )
 from ddpipe.statistics import collect, global_statistics, merge, moments_bytes, read_moments, read_statistics, statistics_bytes
 from ddpipe.store import FileRecord, Store, sha256_bytes, table_bytes
-from ddpipe.train import logits_of, penultimate_features, to_device
+from ddpipe.train import penultimate_features, predict_logits, to_device
 
 # ---------------------------------------------------------------- RDED
 
@@ -441,7 +441,7 @@ def run_quality(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     pool = ArraySplit("generated", torch.cat(pools).numpy(),
                       np.concatenate([np.full(len(p), c) for c, p in enumerate(pools)]), src.num_classes, "generated")
     everything = np.arange(len(pool))
-    logits = logits_of(teacher, pool, everything, mean, std, ctx.device, cfg.runtime)
+    logits = predict_logits(teacher, normalize(pool.images, mean, std), cfg.labels.batch_size, ctx.device, cfg.runtime)
     correct = logits.argmax(1).numpy() == pool.labels
     n_ref = min(cfg.method.diffusion.reference_images, len(src.test))
     ref = np.sort(torch.randperm(len(src.test), generator=generator(cfg.seed, "quality"))[:n_ref].numpy())
@@ -485,7 +485,7 @@ def run_generated_selection(ctx: Context, shard: Shard, inputs) -> list[FileReco
         if dc.select == "random":
             picks = torch.randperm(len(images), generator=generator(cfg.seed, "generated-select", c))[:ipc].tolist()
         elif dc.select == "realism":
-            logits = logits_of(teacher, pool, np.arange(len(pool)), mean, std, ctx.device, cfg.runtime)
+            logits = predict_logits(teacher, normalize(images, mean, std), cfg.labels.batch_size, ctx.device, cfg.runtime)
             scores = torch.nn.functional.cross_entropy(logits, torch.full((len(pool),), c), reduction="none").numpy()
             picks = top_k(scores, ipc, largest=False)
             scores = scores[picks]
@@ -501,7 +501,7 @@ def run_generated_selection(ctx: Context, shard: Shard, inputs) -> list[FileReco
 
 
 _DIFFUSION = Stage("diffusion", ("dataset",), ("dataset",), single_shard("diffusion"), run_diffusion,
-                   fingerprint=lambda ctx: diffusion_key(ctx),
+                   fingerprint=diffusion_key,
                    doc="train the class-conditional denoiser (shared across runs; resumes from its last checkpoint)")
 _GENERATION = Stage("generation", ("dataset", "diffusion"), ("dataset", "method"), class_groups, run_generation,
                     doc="sample images per class with DPM-Solver until the count or the time budget")

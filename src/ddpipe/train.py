@@ -176,18 +176,6 @@ def penultimate_features(model: nn.Module, split: Split, indices, mean, std, dev
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, split: Split, indices, mean, std, device, runtime: RuntimeConfig,
-              batch_size: int = 1000) -> torch.Tensor:
-    """``model``'s float32 logits (on CPU) for every image of ``split[indices]``."""
-    model.eval()
-    out = []
-    for images, _ in split.batches(np.asarray(indices), batch_size, runtime.loader_workers):
-        with autocast(device, runtime):
-            out.append(model(batch_to(normalize(images, mean, std), device, runtime)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
-
-
-@torch.no_grad()
 def accuracy(model: nn.Module, split: Split, mean, std, device, runtime: RuntimeConfig, batch_size=1000) -> float:
     """Top-1 accuracy on a whole split."""
     model.eval()
