@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpipe.augment import generator, seed_for
-from ddpipe.config import DiffusionConfig, RuntimeConfig
+from ddpipe.config import DiffusionConfig, OptimConfig, RuntimeConfig
 from ddpipe.data import Split
 from ddpipe.errors import CheckpointError, ConfigError
-from ddpipe.train import autocast, batch_to
+from ddpipe.train import autocast, batch_to, build_optimizer
 
 # ---------------------------------------------------------------- the UViT denoiser
 
@@ -223,11 +223,8 @@ def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes
         torch.manual_seed(seed_for(seed, "diffusion", "init"))
         model = build_denoiser(cfg, space, num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.99, 0.999))
+    # AdamW with the paper's betas (0.99, 0.999); no decay on norm weights and biases, as every ddpipe optimiser
+    opt = build_optimizer(model, OptimConfig(optimizer="adamw", lr=cfg.lr, momentum=0.99, weight_decay=cfg.weight_decay))
     sched = noise_scheduler(cfg)
     alphas = sched.alphas_cumprod.to(device)
     start, losses = 0, []
