@@ -48,7 +48,7 @@ from ddpipe.rded import score_class, selected_rows, stitch_class
 from ddpipe.recovery import recover
 from ddpipe.stages import (
     DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, single_shard, class_groups, image_path, load_class_images, png_bytes,
-    provenance_table, random_picks, teacher_files, teacher_of, write_image_set_class, write_real_images,
+    provenance_table, random_picks, synthetic_row, teacher_files, teacher_of, write_image_set_class, write_real_images,
 )
 from ddpipe.statistics import collect, global_statistics, merge, moments_bytes, read_moments, read_statistics, statistics_bytes
 from ddpipe.store import FileRecord, Store, sha256_bytes, table_bytes
@@ -188,8 +188,7 @@ def run_recovery(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
                                lambda done, total: step(b * total + done, len(batches) * total))
         for (c, j), img in zip(batch, images):
             files.append(store.write_bytes(image_path("distilled", c, j), png_bytes(img)))
-            rows.append({"class_index": c, "ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": -1,
-                         "source_id": "", "top": 0, "left": 0, "height": 0, "width": 0, "score": None})
+            rows.append(synthetic_row(c, j, size))
         losses.append({"classes": sorted({c for c, _ in batch}), "ipc": sorted({j for _, j in batch}),
                        **{f"{name}_first": v[0] for name, v in info.items()},
                        **{f"{name}_last": v[-1] for name, v in info.items()}})
@@ -414,8 +413,7 @@ def run_generation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     seconds = time.perf_counter() - t0
     size = cfg.image_size
     for c, n in made.items():
-        rows = [{"class_index": c, "ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": -1,
-                 "source_id": "", "top": 0, "left": 0, "height": 0, "width": 0, "score": None} for j in range(n)]
+        rows = [synthetic_row(c, j, size) for j in range(n)]
         files.append(store.write_table(f"generated/provenance/class={c:05d}.parquet", provenance_table("generated", rows)))
     info = {"images": {str(c): n for c, n in made.items()}, "seconds": round(seconds, 3),
             "images_per_second": round(sum(made.values()) / max(seconds, 1e-9), 3), "device": str(ctx.device)}
@@ -493,9 +491,8 @@ def run_generated_selection(ctx: Context, shard: Shard, inputs) -> list[FileReco
             feats = penultimate_features(teacher, pool, np.arange(len(pool)), mean, std, ctx.device, cfg.runtime)
             picks = k_center_greedy(feats, ipc)
         size = cfg.image_size
-        rows = [{"ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": -1, "source_id": paths[i],
-                 "top": 0, "left": 0, "height": size, "width": size,
-                 "score": None if scores is None else float(scores[j])} for j, i in enumerate(picks)]
+        rows = [synthetic_row(c, j, size, source_id=paths[i], crop=size,
+                              score=None if scores is None else float(scores[j])) for j, i in enumerate(picks)]
         files += write_image_set_class(ctx.store, "distilled", c, images[picks], rows)
     return files
 

@@ -120,6 +120,13 @@ def provenance_table(set_name: str, rows: list[dict]) -> pa.Table:
     )
 
 
+def synthetic_row(c: int, j: int, size: int, source_id: str = "", crop: int = 0, score: float | None = None) -> dict:
+    """Provenance row of whole synthetic image ``j`` of class ``c`` (no training image behind it: source_index -1).
+    ``source_id`` and ``crop`` (the side of the crop box at 0, 0) name a generated image it was taken from."""
+    return {"class_index": c, "ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": -1,
+            "source_id": source_id, "top": 0, "left": 0, "height": crop, "width": crop, "score": score}
+
+
 def write_image_set_class(store: Store, set_name: str, c: int, images: torch.Tensor, rows: list[dict]) -> list[FileRecord]:
     """PNG per image plus the class's provenance table (one row per image region)."""
     files = [store.write_bytes(image_path(set_name, c, j), png_bytes(img)) for j, img in enumerate(images)]
