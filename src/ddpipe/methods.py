@@ -47,8 +47,9 @@ from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
 from ddpipe.rded import score_class, selected_rows, stitch_class
 from ddpipe.recovery import recover
 from ddpipe.stages import (
-    DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, single_shard, class_groups, image_path, load_class_images, png_bytes,
-    provenance_table, random_picks, synthetic_row, teacher_files, teacher_of, write_image_set_class, write_real_images,
+    DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, class_groups, image_path, load_class_images, png_bytes,
+    provenance_table, random_picks, single_shard, synthetic_row, teacher_files, teacher_of, write_image_set_class,
+    write_real_images,
 )
 from ddpipe.statistics import collect, global_statistics, merge, moments_bytes, read_moments, read_statistics, statistics_bytes
 from ddpipe.store import FileRecord, Store, sha256_bytes, table_bytes
@@ -413,8 +414,8 @@ def run_generation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     seconds = time.perf_counter() - t0
     size = cfg.image_size
     for c, n in made.items():
-        rows = [synthetic_row(c, j, size) for j in range(n)]
-        files.append(store.write_table(f"generated/provenance/class={c:05d}.parquet", provenance_table("generated", rows)))
+        table = provenance_table("generated", [synthetic_row(c, j, size) for j in range(n)])
+        files.append(store.write_table(f"generated/provenance/class={c:05d}.parquet", table))
     info = {"images": {str(c): n for c, n in made.items()}, "seconds": round(seconds, 3),
             "images_per_second": round(sum(made.values()) / max(seconds, 1e-9), 3), "device": str(ctx.device)}
     files.append(store.write_bytes(f"generation/{shard.id}.json", json.dumps(info, indent=1).encode()))
@@ -483,7 +484,8 @@ def run_generated_selection(ctx: Context, shard: Shard, inputs) -> list[FileReco
         if dc.select == "random":
             picks = torch.randperm(len(images), generator=generator(cfg.seed, "generated-select", c))[:ipc].tolist()
         elif dc.select == "realism":
-            logits = predict_logits(teacher, normalize(images, mean, std), cfg.labels.batch_size, ctx.device, cfg.runtime)
+            logits = predict_logits(teacher, normalize(images, mean, std), cfg.labels.batch_size, ctx.device,
+                                    cfg.runtime)
             scores = torch.nn.functional.cross_entropy(logits, torch.full((len(pool),), c), reduction="none").numpy()
             picks = top_k(scores, ipc, largest=False)
             scores = scores[picks]
@@ -502,7 +504,8 @@ _DIFFUSION = Stage("diffusion", ("dataset",), ("dataset",), single_shard("diffus
                    doc="train the class-conditional denoiser (shared across runs; resumes from its last checkpoint)")
 _GENERATION = Stage("generation", ("dataset", "diffusion"), ("dataset", "method"), class_groups, run_generation,
                     doc="sample images per class with DPM-Solver until the count or the time budget")
-_QUALITY = Stage("quality", ("dataset", "teacher", "generation"), ("dataset", "method"), single_shard("quality"), run_quality,
+_QUALITY = Stage("quality", ("dataset", "teacher", "generation"), ("dataset", "method"), single_shard("quality"),
+                 run_quality,
                  doc="teacher accuracy and Frechet distance of the generated pool; a sample grid")
 _GENERATED_SELECTION = Stage("synthesis", ("dataset", "teacher", "generation"), ("dataset", "method"), class_groups,
                              run_generated_selection, doc="keep ipc generated images per class")
