@@ -6,12 +6,12 @@ VENV   ?= .venv
 CONFIG ?= configs/fashion-mnist-rded-ipc10.yaml
 BIN    := $(VENV)/bin
 
-.PHONY: run test install data clean
+.PHONY: run test install data browser clean
 
 run: install data
 	$(BIN)/ddpipe run $(CONFIG)
 
-test: install data
+test: install data browser
 	$(BIN)/python -m pytest -q
 
 install: $(VENV)/.installed
@@ -25,5 +25,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 data:
 	scripts/install-data.sh
 
+browser:
+	scripts/install-browser.sh
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache test-artifacts

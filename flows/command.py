@@ -27,7 +27,7 @@ def run_flow(cfg: RunConfig) -> dict:
     from ddpipe.flows.distill import distill
 
     _quiet_known_errors()
-    return distill(config=cfg.model_dump(mode="json"))
+    return distill(config=cfg)
 
 
 def run_evaluate_flow(matrix: str, overrides: list[str], methods: list[str] | None = None,

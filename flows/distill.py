@@ -1,36 +1,41 @@
-"""The ``distill`` flow: every stage of a run as Prefect tasks, shard by shard.
+"""The ``distill`` and ``teacher`` flows: the stages of a run as Prefect tasks, shard by shard.
 
-It only composes: prepare the run folder, run the dataset stage, plan, then for each stage run its
-shards (one at a time in the flow's own thread, or ``orchestration.max_workers`` at a time in task-runner
-threads when that is above 1), finalize the stage, and write the report.
-Progress shows as one progress artifact per stage and a results table artifact at the end.
+They only compose: prepare the run folder, run the dataset stage, plan, then for each stage run its
+shards (one at a time in the flow's own thread, or ``orchestration.max_workers`` at a time on the task
+runner), finalize the stage, and write the report. Shards run on the task runner that
+``orchestration.task_runner`` names (:mod:`ddpipe.flows.runners`): with dask or ray the stages run in a
+subflow, ``distill-stages``, that owns the cluster.
 
-Run it with ``ddpipe run CONFIG``, from a deployment (``deployments/``), or from Python:
-``distill(config="configs/smoke.yaml")``.
+What the UI shows of a run: a progress artifact per stage, updated as shards finish; a table artifact of
+the results (per student and regime, next to the random subset of the same size); a Markdown artifact
+with the grid of distilled images per class (``distilled/grid.png`` in the run folder); a link artifact to
+the run folder.
+
+The parameter is the config model itself, so a deployment's form shows every field with its description,
+bounds and choices. Run it with ``ddpipe run CONFIG``, from a deployment (``deployments/``), or from Python:
+``distill(load_config("configs/smoke.yaml"))``.
 """
 
 from __future__ import annotations
 
+import base64
 import time
-from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 
 from ddpipe import progress
-from ddpipe.config import RunConfig, build_config, load_config
+from ddpipe.config import RunConfig
+from ddpipe.flows.runners import shard_resources, task_runner_for
 from ddpipe.manifests import StageManifest
-from ddpipe.pipeline import Shard, Stage, context_for
-from ddpipe.report import results_table
 from ddpipe.methods import stages_for
+from ddpipe.pipeline import Shard, Stage, context_for, run_store
+from ddpipe.report import results_rows, results_table
 from ddpipe.tasks.pipeline import RunRef, finalize_stage, plan_run, prepare_run, report, run_shard
-
-
-def _config(config: str | dict[str, Any], overrides: list[str] | None) -> RunConfig:
-    if isinstance(config, str):
-        return load_config(config, overrides or [])
-    return build_config(config, overrides or [])
 
 
 def _submitted(shard_task, window: int, ref: RunRef, stage: str, shards: list[Shard], inputs):
@@ -38,7 +43,8 @@ def _submitted(shard_task, window: int, ref: RunRef, stage: str, shards: list[Sh
     pending, running = list(shards), []
     while pending or running:
         while pending and len(running) < window:
-            running.append(shard_task.submit(ref, stage, pending.pop(0), inputs))
+            with shard_resources(ref.config.orchestration):
+                running.append(shard_task.submit(ref, stage, pending.pop(0), inputs))
         done = next(as_completed(running))
         running.remove(done)
         yield done.result()
@@ -46,16 +52,16 @@ def _submitted(shard_task, window: int, ref: RunRef, stage: str, shards: list[Sh
 
 def _run_stage(ref: RunRef, stage: Stage, shards: list[Shard], manifests: dict[str, StageManifest]) -> StageManifest:
     inputs = {name: manifests[name] for name in stage.inputs}
-    window = ref.config.orchestration.max_workers
+    orch = ref.config.orchestration
     artifact = create_progress_artifact(progress=0.0, description=f"{stage.name}: {stage.doc}")
     progress.emit("stage_started", stage.name, len(shards))
     shard_task = run_shard.with_options(task_run_name=f"{stage.name}:{{shard.id}}")
-    if window == 1:
+    if orch.max_workers == 1 and orch.task_runner == "local":
         # One shard at a time runs in the flow's own thread, like the plain runner: torch's OpenMP pool is
         # per calling thread, and a second pool makes libgomp throttle its spin-waits (~15% slower on CPU).
         finished = (shard_task(ref, stage.name, shard, inputs) for shard in shards)
     else:
-        finished = _submitted(shard_task, window, ref, stage.name, shards, inputs)
+        finished = _submitted(shard_task, orch.max_workers, ref, stage.name, shards, inputs)
     results = {}
     for result in finished:
         results[result.shard] = result
@@ -66,23 +72,71 @@ def _run_stage(ref: RunRef, stage: Stage, shards: list[Shard], manifests: dict[s
     return manifest
 
 
-@flow(name="distill", log_prints=True)
-def distill(config: str | dict[str, Any], overrides: list[str] | None = None) -> dict:
-    """Distill a dataset as the config says (a YAML path or a mapping), resuming what is already done."""
-    cfg = _config(config, overrides)
-    ref = prepare_run(cfg)
+def _run_stages(config: RunConfig, until: str | None = None) -> tuple[RunRef, dict[str, StageManifest], dict]:
+    """Prepare the run folder and run its stages in order (up to and including ``until``)."""
+    ref = prepare_run(config)
     print(f"run folder: {ref.uri}")
-    stages = stages_for(cfg)
+    stages = stages_for(config)
+    if until is not None:
+        stages = stages[:[s.name for s in stages].index(until) + 1]
     manifests: dict[str, StageManifest] = {}
     timings: dict[str, float] = {}
-    plan: dict[str, list[Shard]] = {stages[0].name: stages[0].plan(context_for(cfg), 0)}
+    plan: dict[str, list[Shard]] = {stages[0].name: stages[0].plan(context_for(config), 0)}
     for stage in stages:
         start = time.perf_counter()
         manifests[stage.name] = _run_stage(ref, stage, plan[stage.name], manifests)
         if stage is stages[0]:
             plan = plan_run(ref, manifests[stage.name])
         timings[stage.name] = time.perf_counter() - start
+    return ref, manifests, timings
+
+
+def _distill(config: RunConfig) -> dict:
+    ref, manifests, timings = _run_stages(config)
     result = report(ref, manifests, timings)
-    create_markdown_artifact(key="ddpipe-results", markdown=f"```\n{results_table(result)}\n```",
-                             description=f"results of {cfg.run_name}")
+    _result_artifacts(config, result)
     return result
+
+
+# The stages of a run on a dask or ray task runner (chosen per run, so the runner is set with with_options).
+distill_stages = flow(_distill, name="distill-stages", log_prints=True)
+
+
+@flow(name="distill", log_prints=True)
+def distill(config: RunConfig) -> dict:
+    """Distill a dataset as the config says, resuming what is already done; returns report.json's contents."""
+    if config.orchestration.task_runner == "local":
+        return _distill(config)
+    return distill_stages.with_options(task_runner=task_runner_for(config.orchestration))(config)
+
+
+@flow(name="teacher", log_prints=True)
+def teacher(config: RunConfig) -> dict:
+    """Pretrain (or load and measure) the config's teachers only: the dataset and teacher stages of a run.
+    A later ``distill`` run of the same config reuses them, as does any run with the same data and teacher
+    settings (``<store>/shared/teachers``)."""
+    ref, manifests, _ = _run_stages(config, until="teacher")
+    metrics = run_store(config).read_bytes("teacher/metrics.json").decode()
+    create_link_artifact(key="ddpipe-run-folder", link=ref.uri, link_text=config.run_name,
+                         description="the run folder (teacher/teacher.pt, teacher/metrics.json)")
+    print(f"teacher: {metrics}")
+    return {"run_uri": ref.uri, "teacher": manifests["teacher"].model_dump(mode="json")}
+
+
+def _result_artifacts(config: RunConfig, result: dict) -> None:
+    """The results table, the distilled images and the run folder, as artifacts of the flow run."""
+    name = config.run_name
+    create_markdown_artifact(key="ddpipe-results", markdown=f"```\n{results_table(result)}\n```",
+                             description=f"results of {name}")
+    create_table_artifact(key="ddpipe-results-table", table=results_rows(result),
+                          description=f"{name}: test accuracy (%) per student and regime, distilled set vs a "
+                                      "random subset of the same size")
+    grid = run_store(config).read_bytes("distilled/grid.png")
+    create_markdown_artifact(
+        key="ddpipe-distilled-images",
+        markdown=f"# Distilled images of {name}\n\nOne row per class (at most 20 classes and 10 images shown); "
+                 f"the file is `{result['run_uri']}/distilled/grid.png`.\n\n"
+                 f"![distilled images](data:image/png;base64,{base64.b64encode(grid).decode()})\n",
+        description=f"{name}: distilled images per class")
+    create_link_artifact(key="ddpipe-run-folder", link=result["run_uri"], link_text=name,
+                         description="the run folder: report.json, manifests/, distilled/, labels")

@@ -23,7 +23,7 @@ def evaluate(matrix: str, overrides: list[str] | None = None, methods: list[str]
     """Run (or resume) every cell of the matrix file (or only ``methods`` / ``ipc``) and write the report."""
     spec, root = load_matrix(Path(matrix))
     spec = select(spec, methods, ipc)
-    report = run_matrix(spec, root, lambda cfg: distill(config=cfg.model_dump(mode="json")), overrides or [])
+    report = run_matrix(spec, root, lambda cfg: distill(config=cfg), overrides or [])
     from ddpipe.store import Store
 
     markdown = Store(report["uri"]).read_bytes("report.md").decode()

@@ -41,7 +41,7 @@ def task_runs(flow_run_id, select=lambda r: True, expected=None, timeout=60.0):
 
 def test_flow_runs_every_stage_and_a_new_flow_run_is_served_from_cache(harness, tmp_path):
     cfg = smoke_config(tmp_path / "runs")  # the smoke preset as it is
-    first = distill(config=cfg.model_dump(mode="json"), return_state=True)
+    first = distill(config=cfg, return_state=True)
     assert first.is_completed()
     report = first.result()
     assert set(report["regimes"]) == {"hard", "soft", "soft_kd"} and report["teacher"]["val_accuracy"] > 0.5
@@ -57,7 +57,7 @@ def test_flow_runs_every_stage_and_a_new_flow_run_is_served_from_cache(harness, 
     assert ("markdown", "ddpipe-results") in kinds
     assert sum(1 for a in artifacts if a.type == "progress" and a.flow_run_id == first.state_details.flow_run_id) == 7
 
-    second = distill(config=cfg.model_dump(mode="json"), return_state=True)
+    second = distill(config=cfg, return_state=True)
     assert second.result()["regimes"] == report["regimes"]
     again = task_runs(second.state_details.flow_run_id, is_shard, expected=len(shard_runs))
     assert len(again) == len(shard_runs) and all(r.state.name == "Cached" for r in again)
@@ -67,18 +67,36 @@ def test_flow_and_plain_runner_write_the_same_outputs(harness, tmp_path):
     # two shards at once in task-runner threads (the default, one at a time in the flow's thread, is tested above)
     a = smoke_config(tmp_path / "flow", *FAST, "evaluation.regimes=[soft_kd]", "orchestration.max_workers=2")
     b = smoke_config(tmp_path / "plain", *FAST, "evaluation.regimes=[soft_kd]")
-    distill(config=a.model_dump(mode="json"))
+    distill(config=a.model_dump(mode="json"))  # a mapping is validated into the model, as from the API
     run_pipeline(b)
     sa, sb = run_store(a), run_store(b)
     for stage in ("scoring", "synthesis", "labels", "evaluation"):
         assert sa.read_bytes(f"manifests/{stage}.parquet") == sb.read_bytes(f"manifests/{stage}.parquet")
 
 
-def test_flow_accepts_a_config_path_and_overrides(harness, tmp_path):
-    from conftest import SMOKE
+def test_teacher_flow_runs_only_the_dataset_and_teacher_stages(harness, tmp_path):
+    from ddpipe.flows.distill import teacher
 
-    report = distill(config=str(SMOKE), overrides=[f"store.uri={tmp_path}", *FAST, "evaluation.regimes=[hard]"])
-    assert list(report["regimes"]) == ["hard"] and report["run_uri"].startswith(str(tmp_path))
+    cfg = smoke_config(tmp_path)
+    out = teacher(config=cfg)
+    store = run_store(cfg)
+    assert out["run_uri"] == store.uri and store.exists("teacher/teacher.pt")
+    assert [row["stage"] for row in store.read_table("manifests/plan.parquet").to_pylist()][-1] == "evaluation"
+    assert store.exists("manifests/teacher.parquet") and not store.exists("manifests/scoring.parquet")
+
+
+def test_smoke_on_a_local_dask_cluster_writes_the_same_outputs(harness, tmp_path):
+    a = smoke_config(tmp_path / "dask", *FAST, "orchestration.task_runner=dask", "orchestration.max_workers=2")
+    b = smoke_config(tmp_path / "local", *FAST)
+    ra, rb = distill(config=a), distill(config=b)
+    assert ra["regimes"] == rb["regimes"]
+    sa, sb = run_store(a), run_store(b)
+    for stage in ("dataset", "teacher", "scoring", "synthesis", "random_subset", "labels", "evaluation"):
+        assert sa.read_bytes(f"manifests/{stage}.parquet") == sb.read_bytes(f"manifests/{stage}.parquet"), stage
+    with get_client(sync_client=True) as client:  # on dask, the stages ran in a subflow that owns the cluster
+        stages_flow = client.read_flow_by_name("distill-stages")
+        runs = [r for r in client.read_flow_runs() if r.flow_id == stages_flow.id]
+    assert runs and all(r.state.is_completed() and r.parent_task_run_id for r in runs)
 
 
 def test_evaluate_flow_runs_a_matrix_as_distill_subflows(harness, tmp_path):

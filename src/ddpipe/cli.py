@@ -4,11 +4,14 @@
     ddpipe evaluate MATRIX [--store URI] [--set key=value ...] [--engine prefect|plain] [--methods ...] [--ipc ...]
     ddpipe status RUN
     ddpipe validate CONFIG [--set key=value ...]
+    ddpipe server [--host H] [--port P] [--api URL] [--with-k8s] [--no-worker]
 
 ``run`` runs the ``distill`` flow (Prefect, through :mod:`ddpipe.flows.command`; a temporary local server
 unless PREFECT_API_URL is set), or the same stages as plain function calls with ``--engine plain``, and
 prints the run folder and a results table. ``evaluate`` runs every (method, ipc) cell of an evaluation
 matrix (``configs/matrix/``) the same way and writes the comparison report (Markdown, JSON, a plot).
+``server`` starts a local Prefect server with the UI, registers the deployments and starts a worker
+(:mod:`ddpipe.deployments.server`).
 Re-running the same command resumes. A bad input ends with one line ``ddpipe: error: ...`` on
 stderr and exit status 2.
 """
@@ -48,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validate a config and print its run folder name")
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    srv = sub.add_parser("server", help="start a local Prefect server (UI), register the deployments, start a worker")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=4200)
+    srv.add_argument("--api", help="use this running Prefect API (http://host:port/api) instead of starting a server")
+    srv.add_argument("--with-k8s", action="store_true",
+                     help="also create the Kubernetes work pool and register its deployments (no worker here)")
+    srv.add_argument("--no-worker", action="store_true", help="register only; start no worker")
     return p
 
 
@@ -143,10 +153,17 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_server(args) -> int:
+    from ddpipe.deployments.server import serve
+
+    return serve(args.host, args.port, args.api, args.with_k8s, worker=not args.no_worker)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "evaluate": cmd_evaluate, "status": cmd_status, "validate": cmd_validate}
+        commands = {"run": cmd_run, "evaluate": cmd_evaluate, "status": cmd_status, "validate": cmd_validate,
+                    "server": cmd_server}
         return commands[args.command](args)
     except DDPipeError as e:
         print(f"ddpipe: error: {e}", file=sys.stderr)

@@ -445,8 +445,31 @@ class StoreConfig(_Section):
 class OrchestrationConfig(_Section):
     """How the work is split and run; never changes the results."""
 
-    classes_per_shard: int = Field(5, ge=1, description="Classes per shard of the per-class stages.")
-    max_workers: int = Field(1, ge=1, description="Shards run at once. 1 runs them in the flow's own thread; more uses task-runner threads (on CPU each thread brings its own torch thread pool, so keep 1 unless the work is I/O-bound or on GPU).")
+    classes_per_shard: int = Field(
+        5, ge=1, description="Classes per shard of the per-class stages (grown when a stage would exceed "
+        "max_shards_per_stage)."
+    )
+    max_shards_per_stage: int = Field(
+        200, ge=1, description="Most shards of one stage: class groups, recovery batches and statistics image ranges "
+        "grow to fit, so a run at 10,450 classes stays at a few hundred task runs per stage."
+    )
+    max_workers: int = Field(
+        1, ge=1, description="Shards run at once. 1 runs them in the flow's own thread; more uses the task runner "
+        "(local: threads; on CPU each brings its own torch thread pool, so keep 1 unless the work is I/O-bound or "
+        "on GPU). dask/ray: the workers of the local cluster started when address is null."
+    )
+    task_runner: Literal["local", "dask", "ray"] = Field(
+        "local", description="Where shards run: local (threads of the flow's process), dask (prefect-dask) or ray "
+        "(prefect-ray). Never changes the results."
+    )
+    address: str | None = Field(
+        None, description="dask/ray: address of an existing cluster (tcp://host:8786, ray://host:10001, auto); "
+        "null starts a local cluster of max_workers workers."
+    )
+    gpus_per_shard: float = Field(
+        0.0, ge=0, description="dask/ray: GPUs each shard task asks the cluster for (a Dask resource 'GPU', Ray "
+        "num_gpus); 0 asks for none."
+    )
 
 
 class RuntimeConfig(_Section):

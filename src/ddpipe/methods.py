@@ -43,13 +43,13 @@ from ddpipe.errors import DataError
 from ddpipe.evaluate import student_batch_size, student_steps
 from ddpipe.manifests import stage_files
 from ddpipe.models import init_model
-from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
+from ddpipe.pipeline import Context, Shard, Stage, code_hash, grown, shared_outputs
 from ddpipe.rded import score_class, selected_rows, stitch_class
 from ddpipe.recovery import recover
 from ddpipe.stages import (
-    DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, class_groups, image_path, load_class_images, png_bytes,
-    provenance_table, random_picks, single_shard, synthetic_row, teacher_files, teacher_of, write_image_set_class,
-    write_real_images,
+    DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER, class_groups, image_grid, image_path, load_class_images,
+    png_bytes, provenance_table, random_picks, single_shard, synthetic_row, teacher_files, teacher_of,
+    write_image_set_class, write_real_images,
 )
 from ddpipe.statistics import collect, global_statistics, merge, moments_bytes, read_moments, read_statistics, statistics_bytes
 from ddpipe.store import FileRecord, Store, sha256_bytes, table_bytes
@@ -97,7 +97,8 @@ def statistic_teachers(cfg: RunConfig) -> range:
 
 
 def _moment_shards(ctx: Context, num_classes: int) -> list[Shard]:
-    n, step = len(ctx.source.train), ctx.cfg.statistics.images_per_shard
+    n = len(ctx.source.train)
+    step = grown(ctx.cfg.statistics.images_per_shard, n, ctx.cfg.orchestration.max_shards_per_stage)
     return [
         Shard(id=f"teacher{k}-images-{a:09d}-{min(a + step, n) - 1:09d}", teacher=k, images=(a, min(a + step, n)))
         for k in statistic_teachers(ctx.cfg) for a in range(0, n, step)
@@ -147,25 +148,40 @@ def run_statistics(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     return [ctx.store.write_bytes(f"statistics/teacher{k}.pt", statistics_bytes(stats))]
 
 
+def recovery_units(cfg: RunConfig, classes: tuple[int, ...], ipc: tuple[int, int]) -> list[tuple[str, tuple[int, ...]]]:
+    """The recovery units (``method.recovery.classes_per_batch`` classes x one ``ipc_per_shard`` range) among
+    ``classes`` (which start at a multiple of classes_per_batch): (unit id, its classes). A unit's random draws
+    depend on its id only, so grouping units into shards never changes the images."""
+    size, (j0, j1) = cfg.method.recovery.classes_per_batch, ipc
+    return [(f"classes-{c0:05d}-{min(c0 + size, classes[-1] + 1) - 1:05d}-ipc-{j0:05d}-{j1 - 1:05d}",
+             tuple(c for c in classes if c0 <= c < c0 + size)) for c0 in range(classes[0], classes[-1] + 1, size)]
+
+
 def _recovery_shards(ctx: Context, num_classes: int) -> list[Shard]:
-    rc, ipc = ctx.cfg.method.recovery, ctx.cfg.method.ipc
+    """One shard per recovery unit; with more units than ``orchestration.max_shards_per_stage``, consecutive
+    class batches of one ipc range are grouped into a shard."""
+    cfg = ctx.cfg
+    rc, ipc = cfg.method.recovery, cfg.method.ipc
+    ranges = [(j0, min(j0 + rc.ipc_per_shard, ipc)) for j0 in range(0, ipc, rc.ipc_per_shard)]
+    batches = -(-num_classes // rc.classes_per_batch)
+    per_shard = grown(1, batches * len(ranges), cfg.orchestration.max_shards_per_stage)
+    step = rc.classes_per_batch * per_shard
     out = []
-    for c0 in range(0, num_classes, rc.classes_per_batch):
-        c1 = min(c0 + rc.classes_per_batch, num_classes)
-        for j0 in range(0, ipc, rc.ipc_per_shard):
-            j1 = min(j0 + rc.ipc_per_shard, ipc)
+    for j0, j1 in ranges:
+        for c0 in range(0, num_classes, step):
+            c1 = min(c0 + step, num_classes)
             out.append(Shard(id=f"classes-{c0:05d}-{c1 - 1:05d}-ipc-{j0:05d}-{j1 - 1:05d}",
                              classes=tuple(range(c0, c1)), ipc=(j0, j1)))
     return out
 
 
-def recovery_batches(cfg: RunConfig, shard: Shard) -> list[list[tuple[int, int]]]:
-    """The (class, ipc index) pairs optimised together: sre2l/cda one batch of distinct classes per ipc index;
-    gvbsm one class-major batch of the whole shard."""
-    j0, j1 = shard.ipc
+def recovery_batches(cfg: RunConfig, classes: tuple[int, ...], ipc: tuple[int, int]) -> list[list[tuple[int, int]]]:
+    """The (class, ipc index) pairs of one recovery unit optimised together: sre2l/cda one batch of distinct
+    classes per ipc index; gvbsm one class-major batch of the whole unit."""
+    j0, j1 = ipc
     if cfg.method.name == "gvbsm":
-        return [[(c, j) for c in shard.classes for j in range(j0, j1)]]
-    return [[(c, j) for c in shard.classes] for j in range(j0, j1)]
+        return [[(c, j) for c in classes for j in range(j0, j1)]]
+    return [[(c, j) for c in classes] for j in range(j0, j1)]
 
 
 def run_recovery(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
@@ -177,10 +193,12 @@ def run_recovery(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
         stats = ctx.cached(f"statistics:{inputs['statistics'].sha256}:{k}",
                            lambda k=k: read_statistics(store.read_bytes(f"statistics/teacher{k}.pt")))
         pairs.append((teacher_of(ctx, inputs, k).model, stats))
-    gen = generator(cfg.seed, "recovery", shard.id)
     files, rows, losses = [], [], []
-    batches = recovery_batches(cfg, shard)
-    for b, batch in enumerate(batches):
+    batches = []
+    for unit, classes in recovery_units(cfg, shard.classes, shard.ipc):
+        gen = generator(cfg.seed, "recovery", unit)  # one stream per unit, whichever shard holds it
+        batches += [(gen, batch) for batch in recovery_batches(cfg, classes, shard.ipc)]
+    for b, (gen, batch) in enumerate(batches):
         init = torch.stack([torch.randn(channels, size, size, generator=generator(cfg.seed, "recovery-init", c, j))
                             for c, j in batch])
         classes = torch.tensor([c for c, _ in batch], dtype=torch.int64)
@@ -454,18 +472,6 @@ def run_quality(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     }
     return [ctx.store.write_bytes("generation/quality.json", json.dumps(quality, indent=1).encode()),
             ctx.store.write_bytes("generation/grid.png", png_bytes(image_grid([p[:10] for p in pools])))]
-
-
-def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
-    """uint8 images [n_i, C, H, W] per row -> one uint8 [C, H', W'] grid (rows: classes)."""
-    c, h, w = rows[0].shape[1:]
-    cols = max(len(r) for r in rows)
-    grid = torch.full((c, len(rows) * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i, r in enumerate(rows):
-        for j, img in enumerate(r):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            grid[:, top:top + h, left:left + w] = img
-    return grid
 
 
 def run_generated_selection(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:

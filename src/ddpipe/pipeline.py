@@ -78,6 +78,11 @@ class Stage:
     doc: str = ""
 
 
+def grown(size: int, total: int, max_shards: int) -> int:
+    """``size`` items per shard, grown so that ``total`` items make at most ``max_shards`` shards."""
+    return max(size, -(-total // max_shards))
+
+
 def run_store(cfg: RunConfig) -> Store:
     """The store of the run folder ``<store.uri>/<name>-<hash>``."""
     return Store(cfg.store.uri, cfg.store.storage_options).child(cfg.run_name)

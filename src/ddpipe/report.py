@@ -7,6 +7,7 @@ Schema (all accuracies are fractions in [0, 1]):
   "run": "<name>-<hash>", "run_uri": "...", "config_hash": "...", "code_version": "...",
   "method": "rded", "dataset": "fashion-mnist", "ipc": 10, "factor": 1, "classes": 10,
   "teacher": {"model": "convnet", "val_accuracy": 0.93, "origin": "trained" | "<checkpoint uri>"},
+  "student": "convnet",                                        # evaluation.model's name
   "ensemble": [{"model": "mobilenet_v2", "val_accuracy": 0.9, ...}],   # teacher.ensemble, in order
   "labels": {"temperature": 20.0, "dtype": "float16", "top_k": null,
              "bytes": 123, "bytes_per_image": 12.3},           # distilled set's label files
@@ -39,6 +40,9 @@ from ddpipe.evaluate import student_models, summarize
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import CODE_VERSION, Context
 from ddpipe.scores import hard_label_recovery, label_robust_score
+from ddpipe.stages import image_grid, load_class_images, png_bytes
+
+GRID_CLASSES, GRID_IMAGES = 20, 10  # distilled/grid.png shows at most this many classes and images per class
 
 
 def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
@@ -64,6 +68,7 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
         "factor": cfg.factor,
         "classes": num_classes,
         "teacher": {"model": cfg.teacher.model.name, **teacher},
+        "student": cfg.evaluation.model.name,
         "ensemble": ensemble,
         "labels": {
             "temperature": cfg.labels.temperature, "dtype": cfg.labels.dtype, "top_k": cfg.labels.top_k,
@@ -126,10 +131,35 @@ def scores(regimes: dict) -> dict:
     return {"hard_label_recovery": hlr, "label_robust_score": lrs}
 
 
+def distilled_grid(ctx: Context, num_classes: int) -> bytes:
+    """PNG of the distilled images, a row per class (the first GRID_CLASSES classes, GRID_IMAGES images each)."""
+    rows = [load_class_images(ctx, "distilled", c)[1][:GRID_IMAGES] for c in range(min(num_classes, GRID_CLASSES))]
+    return png_bytes(image_grid(rows))
+
+
 def write_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
+    """Write report.json and distilled/grid.png (what the UI shows of a run)."""
     report = build_report(ctx, manifests, timings)
+    ctx.store.write_bytes("distilled/grid.png", distilled_grid(ctx, report["classes"]))
     ctx.store.write_bytes("report.json", json.dumps(report, indent=1).encode())
     return report
+
+
+def results_rows(report: dict) -> list[dict]:
+    """The results as table rows (percent): per student and regime, the distilled set, the random subset of
+    the same size and the difference, plus the full set where measured."""
+
+    def pct(v):
+        return None if v is None else round(100 * v, 2)
+
+    entries = [(report["student"], r, e) for r, e in report["regimes"].items()]
+    entries += [(c["model"]["name"], r, e) for c in report.get("cross_architecture", [])
+                for r, e in c["regimes"].items()]
+    return [{"student": s, "regime": r,
+             "distilled": pct(e["distilled"]["mean"]), "distilled_std": pct(e["distilled"]["std"]),
+             "random": pct(e["random"]["mean"]), "random_std": pct(e["random"]["std"]),
+             "gain": pct(e["improvement_over_random"]), "full": pct(e.get("full", {}).get("mean"))}
+            for s, r, e in entries]
 
 
 def results_table(report: dict) -> str:

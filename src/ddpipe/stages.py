@@ -36,7 +36,7 @@ from ddpipe.errors import CheckpointError, DataError, TeacherError
 from ddpipe.evaluate import ImageSet, evaluate, student_models
 from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
 from ddpipe.manifests import StageManifest, stage_files
-from ddpipe.pipeline import Context, Shard, Stage, code_hash, shared_outputs
+from ddpipe.pipeline import Context, Shard, Stage, code_hash, grown, shared_outputs
 from ddpipe.store import FileRecord, Store, sha256_bytes
 from ddpipe.teacher import (
     Ensemble, Teacher, check_class_map, checkpoint_bytes, load_teacher, measure, read_checkpoint, train_teacher,
@@ -86,6 +86,18 @@ def png_bytes(image: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def image_grid(rows: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
+    """uint8 images [n_i, C, H, W] per row -> one uint8 [C, H', W'] grid (rows: classes)."""
+    c, h, w = rows[0].shape[1:]
+    cols = max(len(r) for r in rows)
+    grid = torch.full((c, len(rows) * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i, r in enumerate(rows):
+        for j, img in enumerate(r):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[:, top:top + h, left:left + w] = img
+    return grid
 
 
 def png_decode(data: bytes, channels: int) -> torch.Tensor:
@@ -167,7 +179,10 @@ def label_model(ctx: Context, manifests: dict[str, StageManifest]) -> torch.nn.M
 
 
 def class_groups(ctx: Context, num_classes: int) -> list[Shard]:
-    size = ctx.cfg.orchestration.classes_per_shard
+    """Consecutive classes, ``orchestration.classes_per_shard`` per shard (more when there would be more than
+    ``orchestration.max_shards_per_stage`` shards)."""
+    orch = ctx.cfg.orchestration
+    size = grown(orch.classes_per_shard, num_classes, orch.max_shards_per_stage)
     return [
         Shard(id=f"classes-{s:05d}-{min(s + size, num_classes) - 1:05d}", classes=tuple(range(s, min(s + size, num_classes))))
         for s in range(0, num_classes, size)
@@ -455,7 +470,7 @@ DATASET = Stage("dataset", (), ("dataset", "method"), single_shard("dataset"), r
                 fingerprint=lambda ctx: ctx.source.fingerprint,
                 doc="list classes, count images, fingerprint the data")
 TEACHER = Stage("teacher", ("dataset",), ("dataset", "teacher"), _teacher_shards, run_teacher,
-                doc="train (or load) and measure each teacher (shared across runs in <store>/shared/teachers)")
+                doc="train (or load) and measure each teacher (shared across runs in the store's shared/teachers)")
 RANDOM_SUBSET = Stage("random_subset", ("dataset",), ("dataset", "method"), class_groups, run_random_subset,
                       doc="draw the random-subset baseline")
 LABELS = Stage("labels", ("dataset", "teacher", "synthesis", "random_subset"), ("dataset", "method", "labels"),
