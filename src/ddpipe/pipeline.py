@@ -237,6 +237,12 @@ def make_plan(ctx: Context, stages: list[Stage], num_classes: int) -> dict[str, 
     return plan
 
 
+def flow_task_runs(plan: dict[str, list[Shard]]) -> int:
+    """Task runs one ``distill`` flow run makes for ``plan``: a task per shard, a finalize task per stage, and
+    the prepare, plan and report tasks (flows/distill.py)."""
+    return sum(len(shards) + 1 for shards in plan.values()) + 3
+
+
 def prepare(ctx: Context) -> str:
     """Check the store is writable, write the resolved config, and return the run folder's token.
 
