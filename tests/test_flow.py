@@ -111,7 +111,8 @@ def test_evaluate_flow_runs_a_matrix_as_distill_subflows(harness, tmp_path):
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
         artifacts = client.read_artifacts()
-    subflows = [r for r in runs if r.parent_task_run_id is not None]  # the other tests run no subflows
+        distill_flow = client.read_flow_by_name("distill")
+    subflows = [r for r in runs if r.parent_task_run_id is not None and r.flow_id == distill_flow.id]
     assert len(subflows) == 8 and all(r.state.is_completed() for r in subflows)
     assert ("markdown", "ddpipe-matrix") in {(a.type, a.key) for a in artifacts}
     assert all(c["regimes"]["hard"]["distilled"]["mean"] > 0 for c in report["cells"])

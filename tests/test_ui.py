@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 
 import browser
 import pytest
@@ -58,7 +59,11 @@ def ui(tmp_path_factory):
         for p in (worker, srv):
             if p is not None:
                 p.terminate()
-                p.wait(timeout=30)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # a worker can sit in a poll longer than that
+                    p.kill()
+                    p.wait()
 
 
 def test_catalog_is_registered_with_forms(ui):

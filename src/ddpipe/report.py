@@ -140,7 +140,7 @@ def distilled_grid(ctx: Context, num_classes: int) -> bytes:
 def write_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
     """Write report.json and distilled/grid.png (what the UI shows of a run)."""
     report = build_report(ctx, manifests, timings)
-    ctx.store.write_bytes("distilled/grid.png", distilled_grid(ctx, report["classes"]))
+    ctx.store.write_bytes("distilled/grid.png", distilled_grid(ctx, report["classes"]), if_changed=True)
     ctx.store.write_bytes("report.json", json.dumps(report, indent=1).encode())
     return report
 
