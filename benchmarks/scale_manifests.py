@@ -87,7 +87,8 @@ def main() -> None:
     p.add_argument("--ipc", type=int, default=20)
     p.add_argument("--classes", type=int, default=10_450)
     p.add_argument("--images", type=int, default=11_000_000)
-    p.add_argument("--store", default="/dev/shm/ddpipe-scale-bench" if Path("/dev/shm").is_dir() else "/tmp/ddpipe-scale-bench")
+    tmpfs = Path("/dev/shm")
+    p.add_argument("--store", default=str((tmpfs if tmpfs.is_dir() else Path("/tmp")) / "ddpipe-scale-bench"))
     p.add_argument("--with-images", action="store_true", help="also write a placeholder file per image")
     args = p.parse_args()
     global WITH_IMAGES

@@ -100,7 +100,8 @@ def serve(host: str = "127.0.0.1", port: int = 4200, api: str | None = None, wit
     try:
         if api is None:
             api = f"http://{host}:{port}/api"
-            print(f"starting prefect server on http://{host}:{port} (PREFECT_HOME={env.get('PREFECT_HOME', '~/.prefect')})")
+            home = env.get("PREFECT_HOME", "~/.prefect")
+            print(f"starting prefect server on http://{host}:{port} (PREFECT_HOME={home})")
             children.append(start_server(host, port, env))
             wait_healthy(api, process=children[0])
         env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"] = api

@@ -34,7 +34,7 @@ from ddpipe.flows.runners import shard_resources, task_runner_for
 from ddpipe.manifests import StageManifest
 from ddpipe.methods import stages_for
 from ddpipe.pipeline import Shard, Stage, context_for, run_store
-from ddpipe.report import results_rows, results_table
+from ddpipe.report import GRID_CLASSES, GRID_IMAGES, results_rows, results_table
 from ddpipe.tasks.pipeline import RunRef, finalize_stage, plan_run, prepare_run, report, run_shard
 
 
@@ -134,7 +134,8 @@ def _result_artifacts(config: RunConfig, result: dict) -> None:
     grid = run_store(config).read_bytes("distilled/grid.png")
     create_markdown_artifact(
         key="ddpipe-distilled-images",
-        markdown=f"# Distilled images of {name}\n\nOne row per class (at most 20 classes and 10 images shown); "
+        markdown=f"# Distilled images of {name}\n\nOne row per class (at most {GRID_CLASSES} classes and "
+                 f"{GRID_IMAGES} images shown); "
                  f"the file is `{result['run_uri']}/distilled/grid.png`.\n\n"
                  f"![distilled images](data:image/png;base64,{base64.b64encode(grid).decode()})\n",
         description=f"{name}: distilled images per class")

@@ -13,6 +13,7 @@ Ray's ``num_gpus``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 from ddpipe.config import OrchestrationConfig
 from ddpipe.errors import ConfigError
@@ -20,7 +21,7 @@ from ddpipe.errors import ConfigError
 
 def _require(module: str, runner: str, extra: str):
     try:
-        return __import__(module, fromlist=["_"])
+        return importlib.import_module(module)
     except ImportError:
         raise ConfigError(f"orchestration.task_runner={runner} needs {module.replace('_', '-')}: "
                           f"pip install 'ddpipe[{extra}]'") from None

@@ -148,13 +148,18 @@ def run_statistics(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     return [ctx.store.write_bytes(f"statistics/teacher{k}.pt", statistics_bytes(stats))]
 
 
+def _range_id(c0: int, c1: int, j0: int, j1: int) -> str:
+    """Name of classes [c0, c1) x ipc indices [j0, j1): a recovery shard's id, and a unit's random-stream id."""
+    return f"classes-{c0:05d}-{c1 - 1:05d}-ipc-{j0:05d}-{j1 - 1:05d}"
+
+
 def recovery_units(cfg: RunConfig, classes: tuple[int, ...], ipc: tuple[int, int]) -> list[tuple[str, tuple[int, ...]]]:
     """The recovery units (``method.recovery.classes_per_batch`` classes x one ``ipc_per_shard`` range) among
     ``classes`` (which start at a multiple of classes_per_batch): (unit id, its classes). A unit's random draws
     depend on its id only, so grouping units into shards never changes the images."""
     size, (j0, j1) = cfg.method.recovery.classes_per_batch, ipc
-    return [(f"classes-{c0:05d}-{min(c0 + size, classes[-1] + 1) - 1:05d}-ipc-{j0:05d}-{j1 - 1:05d}",
-             tuple(c for c in classes if c0 <= c < c0 + size)) for c0 in range(classes[0], classes[-1] + 1, size)]
+    return [(_range_id(c0, min(c0 + size, classes[-1] + 1), j0, j1), tuple(c for c in classes if c0 <= c < c0 + size))
+            for c0 in range(classes[0], classes[-1] + 1, size)]
 
 
 def _recovery_shards(ctx: Context, num_classes: int) -> list[Shard]:
@@ -170,8 +175,7 @@ def _recovery_shards(ctx: Context, num_classes: int) -> list[Shard]:
     for j0, j1 in ranges:
         for c0 in range(0, num_classes, step):
             c1 = min(c0 + step, num_classes)
-            out.append(Shard(id=f"classes-{c0:05d}-{c1 - 1:05d}-ipc-{j0:05d}-{j1 - 1:05d}",
-                             classes=tuple(range(c0, c1)), ipc=(j0, j1)))
+            out.append(Shard(id=_range_id(c0, c1, j0, j1), classes=tuple(range(c0, c1)), ipc=(j0, j1)))
     return out
 
 

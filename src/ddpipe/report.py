@@ -145,6 +145,13 @@ def write_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
     return report
 
 
+def regime_entries(report: dict) -> list[tuple[str | None, str, dict]]:
+    """Every (student, regime, results) of a report: the main student's first (student None), then each cross
+    architecture's, named by its model."""
+    return [(None, r, e) for r, e in report["regimes"].items()] + [
+        (c["model"]["name"], r, e) for c in report.get("cross_architecture", []) for r, e in c["regimes"].items()]
+
+
 def results_rows(report: dict) -> list[dict]:
     """The results as table rows (percent): per student and regime, the distilled set, the random subset of
     the same size and the difference, plus the full set where measured."""
@@ -152,14 +159,11 @@ def results_rows(report: dict) -> list[dict]:
     def pct(v):
         return None if v is None else round(100 * v, 2)
 
-    entries = [(report["student"], r, e) for r, e in report["regimes"].items()]
-    entries += [(c["model"]["name"], r, e) for c in report.get("cross_architecture", [])
-                for r, e in c["regimes"].items()]
-    return [{"student": s, "regime": r,
+    return [{"student": s or report["student"], "regime": r,
              "distilled": pct(e["distilled"]["mean"]), "distilled_std": pct(e["distilled"]["std"]),
              "random": pct(e["random"]["mean"]), "random_std": pct(e["random"]["std"]),
              "gain": pct(e["improvement_over_random"]), "full": pct(e.get("full", {}).get("mean"))}
-            for s, r, e in entries]
+            for s, r, e in regime_entries(report)]
 
 
 def results_table(report: dict) -> str:
@@ -171,10 +175,7 @@ def results_table(report: dict) -> str:
     def delta(d):
         return f"{100 * d:+7.2f}" if d is not None else "    n/a"
 
-    rows = [(regime, e) for regime, e in report["regimes"].items()] + [
-        (f"{c['model']['name']} {regime}", e) for c in report.get("cross_architecture", [])
-        for regime, e in c["regimes"].items()
-    ]
+    rows = [(f"{student} {regime}" if student else regime, e) for student, regime, e in regime_entries(report)]
     width = max([9] + [len(name) for name, _ in rows])
     lines = [
         f"{report['method']} {report['dataset']} ipc={report['ipc']}  teacher top-1 "
