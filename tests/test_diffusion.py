@@ -12,8 +12,8 @@ from conftest import smoke_config
 from ddpipe.config import DiffusionConfig, RuntimeConfig
 from ddpipe.data import open_source
 from ddpipe.diffusion import (
-    Space, UViT, build_denoiser, ema_decay, frechet_distance, generate_class, generation_plan, noise_scheduler, sample,
-    start_noise, train_denoiser,
+    Space, UViT, build_denoiser, ema_decay, frechet_distance, generate_class, generation_plan, noise_scheduler, noised,
+    sample, start_noise, train_denoiser,
 )
 from ddpipe.errors import ConfigError
 
@@ -107,6 +107,42 @@ def test_sampling_is_deterministic_and_runs_the_configured_steps():
     assert calls == [4] * 7  # one batched call per step: conditional and unconditional halves
 
 
+class _Oracle(torch.nn.Module):
+    """A denoiser that knows the clean images ``x0``: it outputs the exact noise, v or x0 the training targets
+    of :func:`noised` would give for any ``x_t``, at the timestep the sampler passes."""
+
+    num_classes = 10
+
+    def __init__(self, x0: torch.Tensor, cfg: DiffusionConfig):
+        super().__init__()
+        self.x0, self.prediction, self.alphas = x0, cfg.prediction, noise_scheduler(cfg).alphas_cumprod
+
+    def forward(self, x, t, y):
+        a = self.alphas[t.long()].view(-1, 1, 1, 1).expand(len(x), 1, 1, 1)
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return noised(self.x0, eps, a, self.prediction)[1]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_sampler_follows_the_training_parameterisation(split, prediction):
+    """The sampler reads the model's output as the training target (same prediction type, same timesteps and
+    schedule): fed by an oracle of real images, it lands on those images from pure noise."""
+    cfg = DiffusionConfig(**{**TINY, "prediction": prediction, "sampler_steps": 20, "guidance": 1.0})
+    images = split.batch(np.arange(4)).float() / 255
+    space = _space(cfg)
+    out = sample(_Oracle(space.encode(images), cfg), cfg, space, torch.zeros(4, dtype=torch.int64),
+                 torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), CPU, RT)
+    assert (out - images).abs().max() < 0.02, float((out - images).abs().max())
+    x0, noise = torch.rand(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    xt, target = noised(x0, noise, torch.tensor(0.3).view(1, 1, 1, 1), prediction)
+    assert torch.allclose(xt, 0.3**0.5 * x0 + 0.7**0.5 * noise)
+    # what the oracle would be with a wrong type must fail: the check above can tell the types apart
+    wrong = cfg.model_copy(update={"prediction": "sample" if prediction != "sample" else "epsilon"})
+    bad = sample(_Oracle(space.encode(images), cfg), wrong, space, torch.zeros(4, dtype=torch.int64),
+                 torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), CPU, RT)
+    assert (bad - images).abs().max() > 0.1
+
+
 def test_uvit_shapes_and_bad_geometry():
     model = UViT(28, 1, 10, patch_size=4, dim=32, depth=5, heads=4)
     x = torch.randn(3, 1, 28, 28)
@@ -157,3 +193,15 @@ def test_frechet_distance(split):
     assert 0 < frechet_distance(feats, other) < frechet_distance(feats, other * 0.5)
     with pytest.raises(ValueError, match="same d"):
         frechet_distance(feats, feats[:, :3])
+
+
+def test_every_diffusion_field_is_classified_for_the_denoiser_key():
+    """A field that changes the trained weights must be in the denoiser's cache key (TRAINING_FIELDS), or a run
+    with another value would silently reuse a denoiser trained without it; the rest only steer sampling,
+    selection, quality or checkpoint frequency."""
+    from ddpipe.methods import TRAINING_FIELDS
+
+    after_training = {"checkpoint_every", "sampler_steps", "guidance", "images_per_class", "time_budget_s",
+                      "sample_batch_size", "select", "reference_images"}
+    assert set(DiffusionConfig.model_fields) == set(TRAINING_FIELDS) | after_training
+    assert not set(TRAINING_FIELDS) & after_training

@@ -261,10 +261,16 @@ class DiffusionConfig(_Section):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = Field(
         "linear", description="diffusers beta schedule (linear: DDPM's 1e-4..0.02)."
     )
+    prediction: Literal["v_prediction", "epsilon", "sample"] = Field(
+        "v_prediction", description="What the denoiser predicts: v_prediction (sqrt(a) eps - sqrt(1-a) x0; keeps "
+        "the class in the loss at high noise, where epsilon lets a small model ignore it), epsilon (DDPM's noise) "
+        "or sample (x0)."
+    )
     steps: int = Field(20000, ge=1, description="Training steps.")
     batch_size: int = Field(128, ge=1, description="Training batch size.")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate (paper: 2e-4, betas 0.99/0.999).")
     weight_decay: float = Field(0.03, ge=0, description="AdamW weight decay (paper: 0.03).")
+    momentum: float = Field(0.99, ge=0, lt=1, description="AdamW beta1 (paper: 0.99; 0.9 learns faster in a short run).")
     warmup_steps: int = Field(500, ge=0, description="Linear learning-rate warm-up steps.")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the weights' moving average that sampling uses.")
     class_dropout: float = Field(0.1, ge=0, lt=1, description="Probability a training label is replaced by the null "

@@ -71,8 +71,8 @@ class Block(nn.Module):
 
 
 class UViT(nn.Module):
-    """Class-conditional UViT: ``forward(x, t, y)`` predicts the noise in ``x`` at timesteps ``t`` for classes
-    ``y`` (``num_classes`` = the null class). ``depth`` counts every block: (depth-1)/2 in, one middle,
+    """Class-conditional UViT: ``forward(x, t, y)`` predicts the noise, v or clean image (``prediction``) of ``x``
+    at timesteps ``t`` for classes ``y`` (``num_classes`` = the null class). ``depth`` counts every block: (depth-1)/2 in, one middle,
     (depth-1)/2 out, each out block fed by the long skip of its mirror in block."""
 
     def __init__(self, image_size: int, channels: int, num_classes: int, patch_size: int = 4, dim: int = 256,
@@ -190,7 +190,15 @@ def sampler(cfg: DiffusionConfig):
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(num_train_timesteps=cfg.timesteps, beta_schedule=cfg.beta_schedule,
-                                       algorithm_type="dpmsolver++", solver_order=2)
+                                       prediction_type=cfg.prediction, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction: str):
+    """``(x_t, target)``: the forward process at cumulative alphas ``alpha_bar`` ([n, 1, 1, 1]) and what a
+    denoiser of type ``prediction`` must output for it."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[prediction]
+    return a * x0 + s * noise, target
 
 
 # ---------------------------------------------------------------- training
@@ -223,8 +231,9 @@ def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes
         torch.manual_seed(seed_for(seed, "diffusion", "init"))
         model = build_denoiser(cfg, space, num_classes).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # AdamW with the paper's betas (0.99, 0.999); no decay on norm weights and biases, as every ddpipe optimiser
-    opt = build_optimizer(model, OptimConfig(optimizer="adamw", lr=cfg.lr, momentum=0.99, weight_decay=cfg.weight_decay))
+    # AdamW with betas (momentum, 0.999); no decay on norm weights and biases, as every ddpipe optimiser
+    opt = build_optimizer(model, OptimConfig(optimizer="adamw", lr=cfg.lr, momentum=cfg.momentum,
+                                             weight_decay=cfg.weight_decay))
     sched = noise_scheduler(cfg)
     alphas = sched.alphas_cumprod.to(device)
     start, losses = 0, []
@@ -244,12 +253,11 @@ def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes
         y = torch.where(drop.to(device), torch.full_like(y, num_classes), y)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, cfg.timesteps, (len(y),), generator=gen).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt, target = noised(x0, noise, alphas[t].view(-1, 1, 1, 1), cfg.prediction)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         with autocast(device, runtime):
-            loss = F.mse_loss(model(xt, t, y).float(), noise)
+            loss = F.mse_loss(model(xt, t, y).float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -298,12 +306,12 @@ def sample(model: nn.Module, cfg: DiffusionConfig, space: Space, classes: torch.
     for t in solver.timesteps:
         with autocast(device, runtime):
             if cfg.guidance == 1.0:
-                eps = model(x, t, y).float()
+                out = model(x, t, y).float()
             else:
                 both = model(torch.cat([x, x]), t, torch.cat([y, null])).float()
                 cond, uncond = both.chunk(2)
-                eps = uncond + cfg.guidance * (cond - uncond)
-        x = solver.step(eps, t, x).prev_sample
+                out = uncond + cfg.guidance * (cond - uncond)
+        x = solver.step(out, t, x).prev_sample
     return space.decode(x)
 
 

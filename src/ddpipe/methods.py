@@ -371,8 +371,8 @@ def diffusion_key(ctx: Context) -> str:
 
 
 TRAINING_FIELDS = ("space", "autoencoder", "patch_size", "dim", "depth", "heads", "mlp_ratio", "timesteps",
-                   "beta_schedule", "steps", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
-                   "class_dropout")
+                   "beta_schedule", "prediction", "steps", "batch_size", "lr", "weight_decay", "momentum",
+                   "warmup_steps", "ema_decay", "class_dropout")
 
 
 def diffusion_space(ctx: Context) -> Space:
