@@ -85,15 +85,18 @@ def test_teacher_flow_runs_only_the_dataset_and_teacher_stages(harness, tmp_path
     assert store.exists("manifests/teacher.parquet") and not store.exists("manifests/scoring.parquet")
 
 
-def test_smoke_on_a_local_dask_cluster_writes_the_same_outputs(harness, tmp_path):
-    a = smoke_config(tmp_path / "dask", *FAST, "orchestration.task_runner=dask", "orchestration.max_workers=2")
+@pytest.mark.parametrize("runner", ["dask", "ray"])
+def test_smoke_on_a_distributed_task_runner_writes_the_same_outputs(harness, tmp_path, runner):
+    if runner == "ray":
+        pytest.importorskip("prefect_ray", reason="ray is an optional extra: pip install 'ddpipe[ray]'")
+    a = smoke_config(tmp_path / runner, *FAST, f"orchestration.task_runner={runner}", "orchestration.max_workers=2")
     b = smoke_config(tmp_path / "local", *FAST)
     ra, rb = distill(config=a), distill(config=b)
     assert ra["regimes"] == rb["regimes"]
     sa, sb = run_store(a), run_store(b)
     for stage in ("dataset", "teacher", "scoring", "synthesis", "random_subset", "labels", "evaluation"):
         assert sa.read_bytes(f"manifests/{stage}.parquet") == sb.read_bytes(f"manifests/{stage}.parquet"), stage
-    with get_client(sync_client=True) as client:  # on dask, the stages ran in a subflow that owns the cluster
+    with get_client(sync_client=True) as client:  # the stages ran in a subflow that owns the cluster
         stages_flow = client.read_flow_by_name("distill-stages")
         runs = [r for r in client.read_flow_runs() if r.flow_id == stages_flow.id]
     assert runs and all(r.state.is_completed() and r.parent_task_run_id for r in runs)
