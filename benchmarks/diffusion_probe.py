@@ -28,20 +28,12 @@ from torchvision.utils import save_image
 
 from ddpipe.config import load_config
 from ddpipe.data import normalize, open_source
-from ddpipe.diffusion import (Space, build_denoiser, frechet_distance, noise_scheduler, noised, read_state, sample,
-                             train_denoiser)
+from ddpipe.diffusion import (Space, build_denoiser, clean_estimate, frechet_distance, noise_scheduler, noised,
+                             read_state, sample, train_denoiser)
 from ddpipe.teacher import load_teacher
-from ddpipe.train import apply_threads, penultimate_features
+from ddpipe.train import apply_threads, penultimate_features, predict_logits
 
 CPU = torch.device("cpu")
-
-
-def x0_estimate(out: torch.Tensor, xt: torch.Tensor, a: torch.Tensor, prediction: str) -> torch.Tensor:
-    if prediction == "epsilon":
-        return (xt - (1 - a).sqrt() * out) / a.sqrt()
-    if prediction == "v_prediction":
-        return a.sqrt() * xt - (1 - a).sqrt() * out
-    return out
 
 
 def main() -> None:
@@ -81,8 +73,7 @@ def main() -> None:
     model.eval()
 
     def accuracy(images: torch.Tensor, labels: torch.Tensor) -> float:
-        with torch.no_grad():
-            logits = teacher.model(normalize(images, teacher.mean, teacher.std))
+        logits = predict_logits(teacher.model, normalize(images, teacher.mean, teacher.std), 500, CPU, cfg.runtime)
         return round(float((logits.argmax(1) == labels).float().mean()), 3)
 
     idx = np.arange(0, len(source.test), max(1, len(source.test) // 200))[:200]
@@ -98,7 +89,7 @@ def main() -> None:
         with torch.no_grad():
             cond, uncond = model(xt, steps, labels), model(xt, steps, null)
         result["target_mse"][t] = [round(float(((o - target) ** 2).mean()), 4) for o in (cond, uncond)]
-        estimate = x0_estimate(cond, xt, a, dc.prediction).clamp(-1, 1)
+        estimate = clean_estimate(cond, xt, a, dc.prediction).clamp(-1, 1)
         result["x0_accuracy"][t] = accuracy(space.decode(estimate), labels)
     mean, std = cfg.normalization
     per_class = np.concatenate([np.flatnonzero(source.train.labels == c)[:100] for c in range(source.num_classes)])

@@ -12,8 +12,8 @@ from conftest import smoke_config
 from ddpipe.config import DiffusionConfig, RuntimeConfig
 from ddpipe.data import open_source
 from ddpipe.diffusion import (
-    Space, UViT, build_denoiser, ema_decay, frechet_distance, generate_class, generation_plan, noise_scheduler, noised,
-    sample, start_noise, train_denoiser,
+    Space, UViT, build_denoiser, clean_estimate, ema_decay, frechet_distance, generate_class, generation_plan,
+    noise_scheduler, noised, sample, start_noise, train_denoiser,
 )
 from ddpipe.errors import ConfigError
 
@@ -130,16 +130,17 @@ def test_sampler_follows_the_training_parameterisation(split, prediction):
     cfg = DiffusionConfig(**{**TINY, "prediction": prediction, "sampler_steps": 20, "guidance": 1.0})
     images = split.batch(np.arange(4)).float() / 255
     space = _space(cfg)
-    out = sample(_Oracle(space.encode(images), cfg), cfg, space, torch.zeros(4, dtype=torch.int64),
-                 torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), CPU, RT)
+    oracle, classes = _Oracle(space.encode(images), cfg), torch.zeros(4, dtype=torch.int64)
+    noise = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = sample(oracle, cfg, space, classes, noise, CPU, RT)
     assert (out - images).abs().max() < 0.02, float((out - images).abs().max())
-    x0, noise = torch.rand(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
-    xt, target = noised(x0, noise, torch.tensor(0.3).view(1, 1, 1, 1), prediction)
-    assert torch.allclose(xt, 0.3**0.5 * x0 + 0.7**0.5 * noise)
+    x0, eps, a = torch.rand(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor(0.3).view(1, 1, 1, 1)
+    xt, target = noised(x0, eps, a, prediction)
+    assert torch.allclose(xt, 0.3**0.5 * x0 + 0.7**0.5 * eps)
+    assert torch.allclose(clean_estimate(target, xt, a, prediction), x0, atol=1e-5)
     # what the oracle would be with a wrong type must fail: the check above can tell the types apart
     wrong = cfg.model_copy(update={"prediction": "sample" if prediction != "sample" else "epsilon"})
-    bad = sample(_Oracle(space.encode(images), cfg), wrong, space, torch.zeros(4, dtype=torch.int64),
-                 torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), CPU, RT)
+    bad = sample(oracle, wrong, space, classes, noise, CPU, RT)
     assert (bad - images).abs().max() > 0.1
 
 

@@ -87,8 +87,6 @@ def test_teacher_flow_runs_only_the_dataset_and_teacher_stages(harness, tmp_path
 
 @pytest.mark.parametrize("runner", ["dask", "ray"])
 def test_smoke_on_a_distributed_task_runner_writes_the_same_outputs(harness, tmp_path, runner):
-    if runner == "ray":
-        pytest.importorskip("prefect_ray", reason="ray is an optional extra: pip install 'ddpipe[ray]'")
     a = smoke_config(tmp_path / runner, *FAST, f"orchestration.task_runner={runner}", "orchestration.max_workers=2")
     b = smoke_config(tmp_path / "local", *FAST)
     ra, rb = distill(config=a), distill(config=b)

@@ -72,8 +72,8 @@ class Block(nn.Module):
 
 class UViT(nn.Module):
     """Class-conditional UViT: ``forward(x, t, y)`` predicts the noise, v or clean image (``prediction``) of ``x``
-    at timesteps ``t`` for classes ``y`` (``num_classes`` = the null class). ``depth`` counts every block: (depth-1)/2 in, one middle,
-    (depth-1)/2 out, each out block fed by the long skip of its mirror in block."""
+    at timesteps ``t`` for classes ``y`` (``num_classes`` = the null class). ``depth`` counts every block:
+    (depth-1)/2 in, one middle, (depth-1)/2 out, each out block fed by the long skip of its mirror in block."""
 
     def __init__(self, image_size: int, channels: int, num_classes: int, patch_size: int = 4, dim: int = 256,
                  depth: int = 9, heads: int = 4, mlp_ratio: float = 4.0):
@@ -199,6 +199,17 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, predi
     a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     target = {"epsilon": noise, "v_prediction": a * noise - s * x0, "sample": x0}[prediction]
     return a * x0 + s * noise, target
+
+
+def clean_estimate(out: torch.Tensor, xt: torch.Tensor, alpha_bar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The clean image a denoiser of type ``prediction`` implies from its output ``out`` at ``x_t`` (the inverse
+    of :func:`noised`'s target)."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction == "epsilon":
+        return (xt - s * out) / a
+    if prediction == "v_prediction":
+        return a * xt - s * out
+    return out
 
 
 # ---------------------------------------------------------------- training
