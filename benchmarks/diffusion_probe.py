@@ -29,7 +29,7 @@ from torchvision.utils import save_image
 from ddpipe.config import load_config
 from ddpipe.data import normalize, open_source
 from ddpipe.diffusion import (Space, build_denoiser, clean_estimate, frechet_distance, noise_scheduler, noised,
-                             read_state, sample, train_denoiser)
+                             loss_log, read_state, sample, train_denoiser)
 from ddpipe.teacher import load_teacher
 from ddpipe.train import apply_threads, penultimate_features, predict_logits
 
@@ -67,7 +67,7 @@ def main() -> None:
         state = train_denoiser(dc, source.train, space, source.num_classes, cfg.seed, CPU, cfg.runtime)
         weights = state["ema"]
         result.update(train_steps=args.train_steps, train_seconds=round(time.perf_counter() - t0, 1),
-                      loss=[round(state["losses"][0], 4), round(state["losses"][-1], 4)])
+                      loss=[round(loss_log(state)[0], 4), round(loss_log(state)[-1], 4)])
     model = build_denoiser(dc, space, source.num_classes)
     model.load_state_dict(weights)
     model.eval()

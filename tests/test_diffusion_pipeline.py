@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from ddpipe.config import load_config
+from ddpipe.data import open_source
+from ddpipe.diffusion import Space, loss_log, train_denoiser
 from ddpipe.errors import DataError
 from ddpipe.pipeline import run_store
 from ddpipe.runner import run_pipeline
@@ -44,7 +47,8 @@ def test_diffusion_runs_every_stage_and_reports_quality(tmp_path):
     assert [r["ipc_index"] for r in rows] == [0, 1]
     # realism keeps the generated images with the lowest teacher cross-entropy, in order
     assert rows[0]["score"] <= rows[1]["score"] and rows[0]["source_id"].startswith("generated/images/00004/")
-    assert not (tmp_path / "runs" / "shared" / "diffusion" / training_key(tmp_path) / "checkpoint.pt").exists()
+    states = next((tmp_path / "runs" / "shared" / "diffusion-states").iterdir())
+    assert sorted(p.name for p in states.iterdir()) == ["step-00000060.pt"]  # checkpoints replaced, final kept
 
     # another selection rule reuses the trained denoiser (shared in the store) and picks other images
     random_cfg = preset(tmp_path / "runs", "method.diffusion.select=random")
@@ -54,9 +58,18 @@ def test_diffusion_runs_every_stage_and_reports_quality(tmp_path):
     assert (Path(run_store(random_cfg).root) / "generation/quality.json").read_bytes() == \
         (folder / "generation/quality.json").read_bytes()
 
-
-def training_key(tmp_path: Path) -> str:
-    return next((tmp_path / "runs" / "shared" / "diffusion").iterdir()).name
+    # a longer run of the same recipe trains on from the 60-step state and ends where one from scratch would
+    longer = preset(tmp_path / "runs", "method.diffusion.steps=110")
+    run_pipeline(longer)
+    trained = json.loads((Path(run_store(longer).root) / "diffusion/training.json").read_text())
+    assert trained["resumed_from_step"] == 60 and trained["steps"] == 110
+    assert sorted(p.name for p in states.iterdir()) == ["step-00000060.pt", "step-00000110.pt"]
+    scratch = train_denoiser(longer.method.diffusion, open_source(longer).train,
+                             Space(longer.method.diffusion, longer.image_size, longer.channels, torch.device("cpu")), 10, longer.seed,
+                             torch.device("cpu"), longer.runtime)
+    ema = torch.load(Path(run_store(longer).root) / "diffusion/denoiser.pt", weights_only=True)["ema"]
+    assert all(torch.equal(ema[k], scratch["ema"][k]) for k in scratch["ema"])
+    assert trained["loss_every_50_steps"] == [round(v, 6) for v in loss_log(scratch)]
 
 
 def test_too_few_generated_images_is_a_clear_error(tmp_path):
@@ -72,10 +85,10 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     for s in settings:
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    shared = store / "shared" / "diffusion"
+    shared = store / "shared" / "diffusion-states"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if shared.is_dir() and any((d / "checkpoint.pt").exists() for d in shared.iterdir()):
+        if shared.is_dir() and any(list(d.glob("step-*.pt")) for d in shared.iterdir()):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before its first training checkpoint"
@@ -89,4 +102,5 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     training = json.loads((folder / "diffusion/training.json").read_text())
     assert training["steps"] == 400 and training["resumed_from_step"] >= 50
     assert training["resumed_from_step"] % 50 == 0
+    assert [p.name for p in shared.glob("*/*")] == ["step-00000400.pt"]  # the killed run's checkpoint replaced
     assert report["stages"]["synthesis"]["shards"] == 5

@@ -12,7 +12,8 @@ Noise schedules and the DPM-Solver sampler come from ``diffusers`` (DDPMSchedule
 DPMSolverMultistepScheduler, an ODE solver, for sampling). Training is resumable bit for bit: every
 random draw of step ``s`` (batch, noise, timesteps, label dropout) comes from a generator seeded by
 ``(seed, s)``, so a run restored from a checkpoint (step, weights, EMA weights, optimiser state) continues
-exactly as if it had not stopped.
+exactly as if it had not stopped. Nothing in a step depends on the total number of steps (the learning rate is
+constant after warm-up), so a longer run can also start from a shorter run's final state.
 """
 
 from __future__ import annotations
@@ -234,9 +235,11 @@ def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes
                    progress: Callable[[int, int], None] | None = None) -> dict:
     """Train the denoiser on every image of ``split``; return the final state.
 
-    ``resume``: a state from ``save`` (``step``, ``model``, ``ema``, ``optimizer``, ``losses``) to continue from.
+    ``resume``: a state from ``save`` (``step``, ``model``, ``ema``, ``optimizer``, ``losses``, ``window``) to
+    continue from: a checkpoint of this run, or the final state of a shorter run of the same recipe and seed.
     ``save(state)`` is called every ``cfg.checkpoint_every`` steps and at the end. The state's ``ema`` holds the
-    exponential moving average of the weights (what sampling uses; decay warmed up by :func:`ema_decay`), ``losses`` the mean loss of every 50 steps.
+    exponential moving average of the weights (what sampling uses; decay warmed up by :func:`ema_decay`),
+    ``losses`` the mean loss of every completed 50 steps and ``window`` the losses since (see :func:`loss_log`).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_for(seed, "diffusion", "init"))
@@ -252,9 +255,10 @@ def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes
         model.load_state_dict(resume["model"])
         ema.load_state_dict(resume["ema"])
         opt.load_state_dict(resume["optimizer"])
-        start, losses = int(resume["step"]), list(resume["losses"])
+        start, losses, window = int(resume["step"]), list(resume["losses"]), list(resume.get("window", []))
+    else:
+        window = []
     n = len(split)
-    window = []
     for step in range(start, cfg.steps):
         gen = generator(seed, "diffusion", step)
         idx = np.sort(torch.randint(0, n, (cfg.batch_size,), generator=gen).numpy())
@@ -276,15 +280,21 @@ def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - ema_decay(cfg.ema_decay, step))
         window.append(loss.item())
-        if len(window) == 50 or step + 1 == cfg.steps:
+        if len(window) == 50:
             losses.append(sum(window) / len(window))
             window = []
         if progress:
             progress(step + 1, cfg.steps)
         done = step + 1
         if save and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            save(_state(done, model, ema, opt, losses))
-    return _state(max(start, cfg.steps), model, ema, opt, losses)
+            save(_state(done, model, ema, opt, losses, window))
+    return _state(max(start, cfg.steps), model, ema, opt, losses, window)
+
+
+def loss_log(state: dict) -> list[float]:
+    """The mean training loss of every 50 steps of ``state``, the last entry over the steps since (if any)."""
+    window = state.get("window", [])
+    return list(state["losses"]) + ([sum(window) / len(window)] if window else [])
 
 
 def ema_decay(target: float, step: int) -> float:
@@ -294,10 +304,11 @@ def ema_decay(target: float, step: int) -> float:
     return min(target, (1 + step) / (10 + step))
 
 
-def _state(step: int, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, losses: list[float]) -> dict:
+def _state(step: int, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, losses: list[float],
+           window: list[float]) -> dict:
     cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
     return {"step": step, "model": cpu(model.state_dict()), "ema": cpu(ema.state_dict()),
-            "optimizer": opt.state_dict(), "losses": list(losses)}
+            "optimizer": opt.state_dict(), "losses": list(losses), "window": list(window)}
 
 
 # ---------------------------------------------------------------- sampling

@@ -23,6 +23,7 @@ gvbsm          moments                ``statistics/moments/<shard>.pt`` (per tea
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -36,7 +37,8 @@ from ddpipe.config import RunConfig
 from ddpipe.coreset import cad_scores, forgetting_events, herding, k_center_greedy, top_k
 from ddpipe.data import ArraySplit, normalize
 from ddpipe.diffusion import (
-    Space, build_denoiser, frechet_distance, generate_class, generation_plan, read_state, state_bytes, train_denoiser,
+    Space, build_denoiser, frechet_distance, generate_class, generation_plan, loss_log, read_state, state_bytes,
+    train_denoiser,
 )
 from ddpipe.dynamics import dynamics_table, read_dynamics, record_dynamics
 from ddpipe.errors import DataError
@@ -363,11 +365,22 @@ def cad_pool(ctx: Context, c: int, inputs) -> np.ndarray:
 
 def diffusion_key(ctx: Context) -> str:
     """What a trained denoiser depends on: data, the training fields of ``method.diffusion``, seed, code."""
+    return sha256_bytes(json.dumps(_diffusion_payload(ctx), sort_keys=True).encode())[:32]
+
+
+def trajectory_key(ctx: Context) -> str:
+    """The denoiser key without ``steps``: runs that differ only in their length follow one training
+    trajectory (no step depends on the total), so they share its saved states."""
+    payload = _diffusion_payload(ctx)
+    del payload["diffusion"]["steps"]
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+
+
+def _diffusion_payload(ctx: Context) -> dict:
     cfg = ctx.cfg
     recipe = cfg.method.diffusion.model_dump(mode="json", include=set(TRAINING_FIELDS))
-    payload = {"data": ctx.source.train.fingerprint, "dataset": json.loads(cfg.section_json("dataset")),
-               "diffusion": recipe, "seed": cfg.seed, "code": code_hash("augment", "data", "diffusion")}
-    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+    return {"data": ctx.source.train.fingerprint, "dataset": json.loads(cfg.section_json("dataset")),
+            "diffusion": recipe, "seed": cfg.seed, "code": code_hash("augment", "data", "diffusion")}
 
 
 TRAINING_FIELDS = ("space", "autoencoder", "patch_size", "dim", "depth", "heads", "mlp_ratio", "timesteps",
@@ -381,31 +394,53 @@ def diffusion_space(ctx: Context) -> Space:
 
 
 def run_diffusion(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
-    """Train the denoiser (shared across runs in ``<store>/shared/diffusion/<key>``), resuming from that folder's
-    ``checkpoint.pt`` when an earlier attempt stopped."""
+    """Train the denoiser (shared across runs in ``<store>/shared/diffusion/<key>``).
+
+    Training states go to ``<store>/shared/diffusion-states/<trajectory key>/step-<step>.pt``: every
+    ``checkpoint_every`` steps (replacing the previous checkpoint) and at the end (kept). Training starts from the
+    latest state at or below ``steps``: the last checkpoint of a run that stopped, or the final state of a shorter
+    run of the same recipe, so 12,000 steps after a 7,000-step run train 5,000 more."""
     cfg, dc = ctx.cfg, ctx.cfg.method.diffusion
-    key = diffusion_key(ctx)
-    shared = Store(cfg.store.uri, cfg.store.storage_options).child(f"shared/diffusion/{key}")
+    store = Store(cfg.store.uri, cfg.store.storage_options)
+    states = store.child(f"shared/diffusion-states/{trajectory_key(ctx)}")
 
     def train() -> dict[str, bytes]:
-        resume = None
-        if shared.exists("checkpoint.pt"):
-            resume = read_state(shared.read_bytes("checkpoint.pt"), shared.url("checkpoint.pt"))
+        start = latest_state(states.list(""), dc.steps)
+        resume = read_state(states.read_bytes(start), states.url(start)) if start else None
+        written = [start] if resume and not resume.get("final") else []  # a stopped run's checkpoint is replaced
+
+        def save(state: dict) -> None:
+            final = state["step"] == dc.steps
+            name = state_name(state["step"])
+            states.write_bytes(name, state_bytes({**state, "final": final}))
+            for old in written:
+                if old != name:
+                    states.remove(old)
+            written[:] = [] if final else [name]
+
         t0 = time.perf_counter()
         state = train_denoiser(dc, ctx.source.train, diffusion_space(ctx), ctx.source.num_classes, cfg.seed,
-                               ctx.device, cfg.runtime, resume=resume,
-                               save=lambda st: shared.write_bytes("checkpoint.pt", state_bytes(st)),
+                               ctx.device, cfg.runtime, resume=resume, save=save,
                                progress=progress.stepper("diffusion", shard.id, every=10))
         info = {"steps": state["step"], "resumed_from_step": resume["step"] if resume else 0,
-                "loss_every_50_steps": [round(v, 6) for v in state["losses"]],
+                "loss_every_50_steps": [round(v, 6) for v in loss_log(state)],
                 "seconds": round(time.perf_counter() - t0, 3),
                 "parameters": sum(v.numel() for v in state["ema"].values())}
         return {"denoiser.pt": state_bytes({"ema": state["ema"], "classes": ctx.source.classes}),
                 "training.json": json.dumps(info, indent=1).encode()}
 
-    out = shared_outputs(cfg, "diffusion", key, train)
-    shared.remove("checkpoint.pt")  # the finished weights are in denoiser.pt
+    out = shared_outputs(cfg, "diffusion", diffusion_key(ctx), train)
     return [ctx.store.write_bytes(f"diffusion/{name}", data) for name, data in sorted(out.items())]
+
+
+def state_name(step: int) -> str:
+    return f"step-{step:08d}.pt"
+
+
+def latest_state(names: list[str], steps: int) -> str | None:
+    """The saved training state with the most steps at or below ``steps`` among file ``names``."""
+    found = [n for n in names if re.fullmatch(r"step-\d{8}\.pt", n) and int(n[5:13]) <= steps]
+    return max(found, default=None)
 
 
 def denoiser_of(ctx: Context, inputs) -> torch.nn.Module:
