@@ -57,6 +57,10 @@ def test_diffusion_runs_every_stage_and_reports_quality(tmp_path):
     assert again["generation"]["frechet_distance"] == g["frechet_distance"]  # same denoiser, seed: same pool
     assert (Path(run_store(random_cfg).root) / "generation/quality.json").read_bytes() == \
         (folder / "generation/quality.json").read_bytes()
+    # ... and the generated pool, sampled once: the second run's timing record is the first one's
+    assert len(list((tmp_path / "runs" / "shared" / "generated").iterdir())) == report["stages"]["generation"]["shards"]
+    for name in ("generation/classes-00004-00005.json", "generated/images/00004/class00004_id00005.png"):
+        assert (Path(run_store(random_cfg).root) / name).read_bytes() == (folder / name).read_bytes()
 
     # a longer run of the same recipe trains on from the 60-step state and ends where one from scratch would
     longer = preset(tmp_path / "runs", "method.diffusion.steps=110")

@@ -456,27 +456,51 @@ def denoiser_of(ctx: Context, inputs) -> torch.nn.Module:
 
 def run_generation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     """Sample a class group's images until ``images_per_class`` or its share of ``time_budget_s``:
-    ``generated/images/...png``, ``generated/provenance/class=C.parquet``, ``generation/<shard>.json``."""
-    cfg, store, dc = ctx.cfg, ctx.store, ctx.cfg.method.diffusion
-    model, space = denoiser_of(ctx, inputs), diffusion_space(ctx)
-    made = {c: 0 for c in shard.classes}
-    files = []
-    t0 = time.perf_counter()
-    for c, start, count in generation_plan(dc, shard.classes, ctx.source.num_classes):
-        images = generate_class(model, dc, space, c, start, count, cfg.seed, ctx.device, cfg.runtime)
-        files += [store.write_bytes(image_path("generated", c, start + j), png_bytes(to_uint8(img)))
-                  for j, img in enumerate(images)]
-        made[c] = start + count
-        progress.emit("step", "generation", shard.id, sum(made.values()), dc.images_per_class * len(made))
-    seconds = time.perf_counter() - t0
-    size = cfg.image_size
+    ``generated/images/...png``, ``generated/provenance/class=C.parquet``, ``generation/<shard>.json``.
+
+    Without a time budget the images depend only on the denoiser, the sampling fields, the classes, the seed
+    and the runtime, so they are shared across runs in ``<store>/shared/generated/<key>/`` (runs that differ in
+    selection, labels or evaluation sample once; ``generation/<shard>.json`` keeps the first run's timing)."""
+    cfg, dc = ctx.cfg, ctx.cfg.method.diffusion
+
+    def sample_group() -> dict[str, bytes]:
+        model, space = denoiser_of(ctx, inputs), diffusion_space(ctx)
+        made, out = {c: 0 for c in shard.classes}, {}
+        t0 = time.perf_counter()
+        for c, start, count in generation_plan(dc, shard.classes, ctx.source.num_classes):
+            images = generate_class(model, dc, space, c, start, count, cfg.seed, ctx.device, cfg.runtime)
+            out.update({image_path("generated", c, start + j): png_bytes(to_uint8(img)) for j, img in enumerate(images)})
+            made[c] = start + count
+            progress.emit("step", "generation", shard.id, sum(made.values()), dc.images_per_class * len(made))
+        seconds = time.perf_counter() - t0
+        info = {"images": {str(c): n for c, n in made.items()}, "seconds": round(seconds, 3),
+                "images_per_second": round(sum(made.values()) / max(seconds, 1e-9), 3), "device": str(ctx.device)}
+        return {**out, f"generation/{shard.id}.json": json.dumps(info, indent=1).encode()}
+
+    if dc.time_budget_s is None:
+        out = shared_outputs(cfg, "generated", generation_key(ctx, shard), sample_group)
+    else:  # how many images fit the budget depends on the machine and its load: always sample
+        out = sample_group()
+    files = [ctx.store.write_bytes(name, data) for name, data in sorted(out.items())]
+    made = json.loads(out[f"generation/{shard.id}.json"])["images"]
     for c, n in made.items():
-        table = provenance_table("generated", [synthetic_row(c, j, size) for j in range(n)])
-        files.append(store.write_table(f"generated/provenance/class={c:05d}.parquet", table))
-    info = {"images": {str(c): n for c, n in made.items()}, "seconds": round(seconds, 3),
-            "images_per_second": round(sum(made.values()) / max(seconds, 1e-9), 3), "device": str(ctx.device)}
-    files.append(store.write_bytes(f"generation/{shard.id}.json", json.dumps(info, indent=1).encode()))
+        table = provenance_table("generated", [synthetic_row(int(c), j, cfg.image_size) for j in range(n)])
+        files.append(ctx.store.write_table(f"generated/provenance/class={int(c):05d}.parquet", table))
     return files
+
+
+SAMPLING_FIELDS = ("sampler_steps", "guidance", "images_per_class", "sample_batch_size", "time_budget_s")
+
+
+def generation_key(ctx: Context, shard: Shard) -> str:
+    """What a class group's generated images depend on: the denoiser, the sampling fields, the classes, seed,
+    runtime and code."""
+    cfg = ctx.cfg
+    payload = {"denoiser": diffusion_key(ctx), "classes": list(shard.classes),
+               "sampling": cfg.method.diffusion.model_dump(mode="json", include=set(SAMPLING_FIELDS)),
+               "num_classes": ctx.source.num_classes, "seed": cfg.seed, "device": str(ctx.device),
+               "runtime": json.loads(cfg.section_json("runtime")), "code": code_hash("diffusion", "stages")}
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
