@@ -204,5 +204,6 @@ def test_every_diffusion_field_is_classified_for_the_denoiser_key():
     from ddpipe.methods import SAMPLING_FIELDS, TRAINING_FIELDS
 
     after_sampling = {"checkpoint_every", "select", "reference_images"}
-    assert set(DiffusionConfig.model_fields) == set(TRAINING_FIELDS) | set(SAMPLING_FIELDS) | after_sampling
-    assert not set(TRAINING_FIELDS) & set(SAMPLING_FIELDS) and not (set(TRAINING_FIELDS) | set(SAMPLING_FIELDS)) & after_sampling
+    training, sampling = set(TRAINING_FIELDS), set(SAMPLING_FIELDS)
+    assert set(DiffusionConfig.model_fields) == training | sampling | after_sampling
+    assert not training & sampling and not (training | sampling) & after_sampling

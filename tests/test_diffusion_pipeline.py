@@ -68,9 +68,9 @@ def test_diffusion_runs_every_stage_and_reports_quality(tmp_path):
     trained = json.loads((Path(run_store(longer).root) / "diffusion/training.json").read_text())
     assert trained["resumed_from_step"] == 60 and trained["steps"] == 110
     assert sorted(p.name for p in states.iterdir()) == ["step-00000060.pt", "step-00000110.pt"]
-    scratch = train_denoiser(longer.method.diffusion, open_source(longer).train,
-                             Space(longer.method.diffusion, longer.image_size, longer.channels, torch.device("cpu")), 10, longer.seed,
-                             torch.device("cpu"), longer.runtime)
+    cpu, dc = torch.device("cpu"), longer.method.diffusion
+    scratch = train_denoiser(dc, open_source(longer).train, Space(dc, longer.image_size, longer.channels, cpu), 10,
+                             longer.seed, cpu, longer.runtime)
     ema = torch.load(Path(run_store(longer).root) / "diffusion/denoiser.pt", weights_only=True)["ema"]
     assert all(torch.equal(ema[k], scratch["ema"][k]) for k in scratch["ema"])
     assert trained["loss_every_50_steps"] == [round(v, 6) for v in loss_log(scratch)]

@@ -469,7 +469,8 @@ def run_generation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
         t0 = time.perf_counter()
         for c, start, count in generation_plan(dc, shard.classes, ctx.source.num_classes):
             images = generate_class(model, dc, space, c, start, count, cfg.seed, ctx.device, cfg.runtime)
-            out.update({image_path("generated", c, start + j): png_bytes(to_uint8(img)) for j, img in enumerate(images)})
+            for j, img in enumerate(images):
+                out[image_path("generated", c, start + j)] = png_bytes(to_uint8(img))
             made[c] = start + count
             progress.emit("step", "generation", shard.id, sum(made.values()), dc.images_per_class * len(made))
         seconds = time.perf_counter() - t0
