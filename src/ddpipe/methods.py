@@ -45,7 +45,7 @@ from ddpipe.errors import DataError
 from ddpipe.evaluate import student_batch_size, student_steps
 from ddpipe.manifests import stage_files
 from ddpipe.models import init_model
-from ddpipe.pipeline import Context, Shard, Stage, code_hash, grown, shared_outputs
+from ddpipe.pipeline import Context, Shard, Stage, code_hash, grown, shared_key, shared_outputs
 from ddpipe.rded import score_class, selected_rows, stitch_class
 from ddpipe.recovery import recover
 from ddpipe.stages import (
@@ -54,7 +54,7 @@ from ddpipe.stages import (
     write_image_set_class, write_real_images,
 )
 from ddpipe.statistics import collect, global_statistics, merge, moments_bytes, read_moments, read_statistics, statistics_bytes
-from ddpipe.store import FileRecord, Store, sha256_bytes, table_bytes
+from ddpipe.store import FileRecord, Store, table_bytes
 from ddpipe.train import penultimate_features, predict_logits, to_device
 
 # ---------------------------------------------------------------- RDED
@@ -118,10 +118,10 @@ def run_moments(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     st = cfg.statistics
     teacher = teacher_of(ctx, inputs, shard.teacher)
     a, b = shard.images
-    key = sha256_bytes(json.dumps({
+    key = shared_key({
         "teacher": _teacher_sha(ctx, inputs, shard.teacher), "data": ctx.source.train.fingerprint, "images": [a, b],
         "patch_size": st.patch_size, "batch_size": st.batch_size, "code": code_hash("statistics", "data"),
-    }, sort_keys=True).encode())[:32]
+    })
 
     def compute() -> dict[str, bytes]:
         mean, std = cfg.normalization
@@ -274,11 +274,11 @@ def run_dynamics(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     steps = dynamics_steps(cfg, ctx.source.num_classes)
     recipe = {k: v for k, v in json.loads(cfg.section_json("teacher"))["teacher"].items()
               if k in ("optim", "augment", "label_smoothing")}
-    key = sha256_bytes(json.dumps({
+    key = shared_key({
         "data": split.fingerprint, "recipe": recipe, "proxy": spec.model_dump(mode="json"), "steps": steps,
         "checkpoints": sel.checkpoints, "batch_size": sel.batch_size, "seed": [cfg.seed, shard.seed],
         "code": code_hash("augment", "coreset", "data", "dynamics", "models", "train"),
-    }, sort_keys=True).encode())[:32]
+    })
 
     def compute() -> dict[str, bytes]:
         mean, std = cfg.normalization
@@ -365,7 +365,7 @@ def cad_pool(ctx: Context, c: int, inputs) -> np.ndarray:
 
 def diffusion_key(ctx: Context) -> str:
     """What a trained denoiser depends on: data, the training fields of ``method.diffusion``, seed, code."""
-    return sha256_bytes(json.dumps(_diffusion_payload(ctx), sort_keys=True).encode())[:32]
+    return shared_key(_diffusion_payload(ctx))
 
 
 def trajectory_key(ctx: Context) -> str:
@@ -373,7 +373,7 @@ def trajectory_key(ctx: Context) -> str:
     trajectory (no step depends on the total), so they share its saved states."""
     payload = _diffusion_payload(ctx)
     del payload["diffusion"]["steps"]
-    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+    return shared_key(payload)
 
 
 def _diffusion_payload(ctx: Context) -> dict:
@@ -439,7 +439,7 @@ def state_name(step: int) -> str:
 
 def latest_state(names: list[str], steps: int) -> str | None:
     """The saved training state with the most steps at or below ``steps`` among file ``names``."""
-    found = [n for n in names if re.fullmatch(r"step-\d{8}\.pt", n) and int(n[5:13]) <= steps]
+    found = [n for n in names if (m := re.fullmatch(r"step-(\d{8})\.pt", n)) and int(m[1]) <= steps]
     return max(found, default=None)
 
 
@@ -501,7 +501,7 @@ def generation_key(ctx: Context, shard: Shard) -> str:
                "sampling": cfg.method.diffusion.model_dump(mode="json", include=set(SAMPLING_FIELDS)),
                "num_classes": ctx.source.num_classes, "seed": cfg.seed, "device": str(ctx.device),
                "runtime": json.loads(cfg.section_json("runtime")), "code": code_hash("diffusion", "stages")}
-    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+    return shared_key(payload)
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:

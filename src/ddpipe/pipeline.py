@@ -88,6 +88,11 @@ def run_store(cfg: RunConfig) -> Store:
     return Store(cfg.store.uri, cfg.store.storage_options).child(cfg.run_name)
 
 
+def shared_key(payload: dict) -> str:
+    """The key of a shared output: a hash of ``payload``, everything the output depends on (JSON-able)."""
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+
+
 def shared_outputs(cfg: RunConfig, kind: str, key: str, compute: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
     """Outputs shared by every run in the same store (trained teachers, statistic moments), by file name.
 

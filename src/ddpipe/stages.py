@@ -36,8 +36,8 @@ from ddpipe.errors import CheckpointError, DataError, TeacherError
 from ddpipe.evaluate import ImageSet, evaluate, student_models
 from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
 from ddpipe.manifests import StageManifest, stage_files
-from ddpipe.pipeline import Context, Shard, Stage, code_hash, grown, shared_outputs
-from ddpipe.store import FileRecord, Store, sha256_bytes
+from ddpipe.pipeline import Context, Shard, Stage, code_hash, grown, shared_key, shared_outputs
+from ddpipe.store import FileRecord, Store
 from ddpipe.teacher import (
     Ensemble, Teacher, check_class_map, checkpoint_bytes, load_teacher, measure, read_checkpoint, train_teacher,
 )
@@ -253,7 +253,7 @@ def teacher_key(cfg, source, k: int) -> str:
         "model": cfg.teacher_models[k].model_dump(mode="json"), "member": k, "seed": cfg.seed,
         "code": code_hash("augment", "data", "models", "teacher", "train"),
     }
-    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+    return shared_key(payload)
 
 
 def run_teacher(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
@@ -418,7 +418,7 @@ def baseline_key(ctx: Context, shard: Shard, inputs) -> str:
         "regime": shard.regime, "student": shard.seed, "model": shard.student or 0,
         "code": code_hash("augment", "data", "evaluate", "labels", "models", "teacher", "train"),
     }
-    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+    return shared_key(payload)
 
 
 def preflight(cfg) -> None:
