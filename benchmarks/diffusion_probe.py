@@ -65,9 +65,9 @@ def main() -> None:
         dc = dc.model_copy(update={"steps": args.train_steps})
         t0 = time.perf_counter()
         state = train_denoiser(dc, source.train, space, source.num_classes, cfg.seed, CPU, cfg.runtime)
-        weights = state["ema"]
+        weights, log = state["ema"], loss_log(state)
         result.update(train_steps=args.train_steps, train_seconds=round(time.perf_counter() - t0, 1),
-                      loss=[round(loss_log(state)[0], 4), round(loss_log(state)[-1], 4)])
+                      loss=[round(log[0], 4), round(log[-1], 4)])
     model = build_denoiser(dc, space, source.num_classes)
     model.load_state_dict(weights)
     model.eval()
