@@ -1,10 +1,10 @@
 """The ``distill`` and ``teacher`` flows: the stages of a run as Prefect tasks, shard by shard.
 
-They only compose: prepare the run folder, run the dataset stage, plan, then for each stage run its
-shards (one at a time in the flow's own thread, or ``orchestration.max_workers`` at a time on the task
-runner), finalize the stage, and write the report. Shards run on the task runner that
-``orchestration.task_runner`` names (:mod:`ddpipe.flows.runners`): with dask or ray the stages run in a
-subflow, ``distill-stages``, that owns the cluster.
+They only compose: prepare the run folder, then :func:`ddpipe.pipeline.drive` runs the stages as the plain
+runner does, with each shard, the stage's finalizing and the plan as Prefect tasks (shards one at a time in
+the flow's own thread, or ``orchestration.max_workers`` at a time on the task runner), and write the report.
+Shards run on the task runner that ``orchestration.task_runner`` names (:mod:`ddpipe.flows.runners`): with
+dask or ray the stages run in a subflow, ``distill-stages``, that owns the cluster.
 
 What the UI shows of a run: a progress artifact per stage, updated as shards finish; a table artifact of
 the results (per student and regime, next to the random subset of the same size); a Markdown artifact
@@ -19,7 +19,6 @@ bounds and choices. Run it with ``ddpipe run CONFIG``, from a deployment (``depl
 from __future__ import annotations
 
 import base64
-import time
 
 from prefect import flow
 from prefect.artifacts import (
@@ -28,12 +27,11 @@ from prefect.artifacts import (
 )
 from prefect.futures import as_completed
 
-from ddpipe import progress
 from ddpipe.config import RunConfig
 from ddpipe.flows.runners import shard_resources, task_runner_for
 from ddpipe.manifests import StageManifest
 from ddpipe.methods import stages_for
-from ddpipe.pipeline import Shard, Stage, context_for, run_store
+from ddpipe.pipeline import Driver, Shard, Stage, context_for, drive, run_store
 from ddpipe.report import GRID_CLASSES, GRID_IMAGES, results_rows, results_table
 from ddpipe.tasks.pipeline import RunRef, finalize_stage, plan_run, prepare_run, report, run_shard
 
@@ -50,11 +48,10 @@ def _submitted(shard_task, window: int, ref: RunRef, stage: str, shards: list[Sh
         yield done.result()
 
 
-def _run_stage(ref: RunRef, stage: Stage, shards: list[Shard], manifests: dict[str, StageManifest]) -> StageManifest:
-    inputs = {name: manifests[name] for name in stage.inputs}
+def _shard_results(ref: RunRef, stage: Stage, shards: list[Shard], inputs: dict[str, StageManifest]):
+    """The shards of ``stage`` as Prefect tasks, with a progress artifact updated as they finish."""
     orch = ref.config.orchestration
     artifact = create_progress_artifact(progress=0.0, description=f"{stage.name}: {stage.doc}")
-    progress.emit("stage_started", stage.name, len(shards))
     shard_task = run_shard.with_options(task_run_name=f"{stage.name}:{{shard.id}}")
     if orch.max_workers == 1 and orch.task_runner == "local":
         # One shard at a time runs in the flow's own thread, like the plain runner: torch's OpenMP pool is
@@ -62,32 +59,21 @@ def _run_stage(ref: RunRef, stage: Stage, shards: list[Shard], manifests: dict[s
         finished = (shard_task(ref, stage.name, shard, inputs) for shard in shards)
     else:
         finished = _submitted(shard_task, orch.max_workers, ref, stage.name, shards, inputs)
-    results = {}
-    for result in finished:
-        results[result.shard] = result
-        progress.emit("shard_finished", stage.name, result.shard, result.reused)
-        update_progress_artifact(artifact_id=artifact, progress=100.0 * len(results) / len(shards))
-    manifest = finalize_stage(ref, stage.name, shards, [results[s.id] for s in shards])
-    progress.emit("stage_finished", stage.name)
-    return manifest
+    for n, result in enumerate(finished, 1):
+        update_progress_artifact(artifact_id=artifact, progress=100.0 * n / len(shards))
+        yield result
 
 
 def _run_stages(config: RunConfig, until: str | None = None) -> tuple[RunRef, dict[str, StageManifest], dict]:
     """Prepare the run folder and run its stages in order (up to and including ``until``)."""
     ref = prepare_run(config)
     print(f"run folder: {ref.uri}")
-    stages = stages_for(config)
-    if until is not None:
-        stages = stages[:[s.name for s in stages].index(until) + 1]
-    manifests: dict[str, StageManifest] = {}
-    timings: dict[str, float] = {}
-    plan: dict[str, list[Shard]] = {stages[0].name: stages[0].plan(context_for(config), 0)}
-    for stage in stages:
-        start = time.perf_counter()
-        manifests[stage.name] = _run_stage(ref, stage, plan[stage.name], manifests)
-        if stage is stages[0]:
-            plan = plan_run(ref, manifests[stage.name])
-        timings[stage.name] = time.perf_counter() - start
+    driver = Driver(
+        shards=lambda stage, shards, inputs: _shard_results(ref, stage, shards, inputs),
+        finalize=lambda stage, shards, results: finalize_stage(ref, stage.name, shards, results),
+        plan=lambda dataset: plan_run(ref, dataset),
+    )
+    manifests, timings = drive(context_for(config), stages_for(config), driver, until)
     return ref, manifests, timings
 
 

@@ -11,8 +11,8 @@ The cache key of a shard is :func:`shard_key`: the stage's config sections, the 
 content hashes of its input stage manifests, the code version, and for the dataset stage the data's
 fingerprint. The Prefect tasks use the very same key.
 
-:func:`ddpipe.runner.run_pipeline` runs every stage in order with no orchestrator; the ``distill`` flow
-composes the same calls as Prefect tasks.
+:func:`drive` is the one loop over a run's stages and shards. :func:`ddpipe.runner.run_pipeline` drives it
+with plain function calls; the ``distill`` flow drives it with the same calls as Prefect tasks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from pydantic import BaseModel
 
@@ -263,16 +263,44 @@ def prepare(ctx: Context) -> str:
     return token
 
 
-def run_stage(ctx: Context, stage: Stage, shards: list[Shard], manifests: dict[str, StageManifest]) -> StageManifest:
-    inputs = {name: manifests[name] for name in stage.inputs}
-    progress.emit("stage_started", stage.name, len(shards))
-    results = []
-    for shard in shards:
-        results.append(run_shard(ctx, stage, shard, inputs))
-        progress.emit("shard_finished", stage.name, shard.id, results[-1].reused)
-    manifest = finalize_stage(ctx, stage, shards, results)
-    progress.emit("stage_finished", stage.name)
-    return manifest
+@dataclass
+class Driver:
+    """How :func:`drive` executes a run's stages: the plain runner (:mod:`ddpipe.runner`) calls this module's
+    functions in order; the ``distill`` flow (``flows/distill.py``) makes them Prefect tasks.
+
+    ``shards(stage, shards, inputs)`` yields each shard's :class:`ShardResult` as it finishes (in any order),
+    ``finalize(stage, shards, results)`` writes the stage manifest, and ``plan(dataset_manifest)`` splits every
+    stage into shards once the dataset stage knows the classes.
+    """
+
+    shards: Callable[[Stage, list[Shard], dict[str, StageManifest]], Iterable[ShardResult]]
+    finalize: Callable[[Stage, list[Shard], list[ShardResult]], StageManifest]
+    plan: Callable[[StageManifest], dict[str, list[Shard]]]
+
+
+def drive(ctx: Context, stages: list[Stage], driver: Driver,
+          until: str | None = None) -> tuple[dict[str, StageManifest], dict[str, float]]:
+    """Run (or resume) ``stages`` in order, up to and including ``until`` (default: all of them), shard by shard;
+    returns each stage's manifest and seconds. Progress events go to :mod:`ddpipe.progress`."""
+    if until is not None:
+        stages = stages[:[s.name for s in stages].index(until) + 1]
+    manifests: dict[str, StageManifest] = {}
+    timings: dict[str, float] = {}
+    plan = {stages[0].name: stages[0].plan(ctx, 0)}
+    for stage in stages:
+        start = time.perf_counter()
+        shards = plan[stage.name]
+        progress.emit("stage_started", stage.name, len(shards))
+        done = {}
+        for result in driver.shards(stage, shards, {name: manifests[name] for name in stage.inputs}):
+            done[result.shard] = result
+            progress.emit("shard_finished", stage.name, result.shard, result.reused)
+        manifests[stage.name] = driver.finalize(stage, shards, [done[s.id] for s in shards if s.id in done])
+        progress.emit("stage_finished", stage.name)
+        if stage is stages[0]:  # the dataset stage knows the classes: now every stage can be planned
+            plan = driver.plan(manifests[stage.name])
+        timings[stage.name] = time.perf_counter() - start
+    return manifests, timings
 
 
 def status(store: Store) -> list[dict]:

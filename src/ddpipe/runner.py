@@ -6,13 +6,11 @@ files, byte for byte.
 
 from __future__ import annotations
 
-import time
-
 from ddpipe.config import RunConfig
 from ddpipe.manifests import StageManifest
-from ddpipe.pipeline import context_for, make_plan, prepare, run_stage
-from ddpipe.report import write_report
 from ddpipe.methods import stages_for
+from ddpipe.pipeline import Driver, context_for, drive, finalize_stage, make_plan, prepare, run_shard
+from ddpipe.report import write_report
 from ddpipe.stages import dataset_classes
 
 
@@ -22,18 +20,12 @@ def run_stages(cfg: RunConfig, until: str | None = None) -> tuple[dict[str, Stag
     ctx = context_for(cfg)
     stages = stages_for(cfg)
     prepare(ctx)
-    manifests: dict[str, StageManifest] = {}
-    timings: dict[str, float] = {}
-    plan = {stages[0].name: stages[0].plan(ctx, 0)}
-    for stage in stages:
-        start = time.perf_counter()
-        manifests[stage.name] = run_stage(ctx, stage, plan[stage.name], manifests)
-        if stage is stages[0]:  # the dataset stage knows the classes: now every stage can be planned
-            plan = make_plan(ctx, stages, len(dataset_classes(ctx.store, manifests[stage.name])))
-        timings[stage.name] = time.perf_counter() - start
-        if stage.name == until:
-            break
-    return manifests, timings
+    driver = Driver(
+        shards=lambda stage, shards, inputs: (run_shard(ctx, stage, shard, inputs) for shard in shards),
+        finalize=lambda stage, shards, results: finalize_stage(ctx, stage, shards, results),
+        plan=lambda dataset: make_plan(ctx, stages, len(dataset_classes(ctx.store, dataset))),
+    )
+    return drive(ctx, stages, driver, until)
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
