@@ -1,0 +1,120 @@
+"""Selection rules on a finished diffusion run's generated pool, scored by soft + KD student top-1.
+
+    python benchmarks/diffusion_selection.py RUN_FOLDER --rules realism,correct-spread --seeds 0,1,2
+
+RUN_FOLDER is a ``ddpipe run`` folder of the diffusion method (its ``config.yaml``, ``generated/`` pool and
+``random/`` subset are read; its ``teacher.checkpoint`` must be set). Each rule keeps ``method.ipc`` images per
+class, then one student per seed is trained under the run's soft + KD recipe (``ddpipe.evaluate.evaluate``,
+as the evaluation stage does) and its test top-1 printed as one JSON line. ``realism`` and ``diversity`` are
+the product's rules (``method.diffusion.select``; realism gives the evaluation stage's number exactly); the
+others are candidates, measured here before any goes into the product:
+
+- ``random``: a seeded draw from the whole pool (not the product's draw);
+- ``correct-random``: a seeded draw among the images the teacher classifies as their class;
+- ``correct-spread``: among those, ``ipc`` images evenly spaced in realism rank, from the most to the least
+  typical;
+- ``correct-spread-inner``: the same, at the centres of ``ipc`` equal rank bins (skips both ends);
+- ``spread``: evenly spaced in realism rank over the whole pool;
+- ``hardest-correct``: the least typical images the teacher still classifies as their class;
+- ``herding-correct`` / ``kmeans-correct`` / ``kmeans``: herding, or the image nearest each k-means centre,
+  on teacher features;
+- ``real-random``: the run's random subset of real images (the baseline), for the same seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from ddpipe.config import load_config
+from ddpipe.coreset import herding, k_center_greedy
+from ddpipe.data import ArraySplit, normalize
+from ddpipe.evaluate import ImageSet, evaluate
+from ddpipe.pipeline import context_for
+from ddpipe.stages import load_class_images
+from ddpipe.teacher import load_teacher
+from ddpipe.train import penultimate_features, predict_logits
+
+
+def kmeans_nearest(features: torch.Tensor, k: int, seed: int = 0, iterations: int = 50) -> list[int]:
+    """Index of the point nearest each of k (Lloyd's) k-means centres, distinct."""
+    centres = features[torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:k]].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(features, centres).argmin(1)
+        for j in range(k):
+            if (assign == j).any():
+                centres[j] = features[assign == j].mean(0)
+    picks: list[int] = []
+    for row in torch.cdist(centres, features):
+        picks.append(next(i for i in row.argsort().tolist() if i not in picks))
+    return picks
+
+
+def evenly(order: torch.Tensor, k: int, inner: bool = False) -> list[int]:
+    n = len(order)
+    positions = ((torch.arange(k) + 0.5) * n / k).long() if inner else torch.linspace(0, n - 1, k).round().long()
+    return order[positions].tolist()
+
+
+def pick(rule: str, c: int, images: torch.Tensor, teacher, cfg, ctx) -> list[int]:
+    ipc, (mean, std) = cfg.method.ipc, cfg.normalization
+    logits = predict_logits(teacher, normalize(images, mean, std), cfg.labels.batch_size, ctx.device, cfg.runtime)
+    ce = torch.nn.functional.cross_entropy(logits, torch.full((len(images),), c), reduction="none")
+    correct = torch.nonzero(logits.argmax(1) == c).flatten()
+    pool = ArraySplit("generated", images.numpy(), np.full(len(images), c), ctx.source.num_classes, "generated")
+    features = penultimate_features(teacher, pool, np.arange(len(images)), mean, std, ctx.device, cfg.runtime)
+    draw = torch.Generator().manual_seed(c)
+    rules = {
+        "realism": lambda: ce.argsort()[:ipc].tolist(),
+        "diversity": lambda: k_center_greedy(features, ipc),
+        "random": lambda: torch.randperm(len(images), generator=draw)[:ipc].tolist(),
+        "correct-random": lambda: correct[torch.randperm(len(correct), generator=draw)[:ipc]].tolist(),
+        "correct-spread": lambda: evenly(correct[ce[correct].argsort()], ipc),
+        "correct-spread-inner": lambda: evenly(correct[ce[correct].argsort()], ipc, inner=True),
+        "spread": lambda: evenly(ce.argsort(), ipc),
+        "hardest-correct": lambda: correct[ce[correct].argsort(descending=True)[:ipc]].tolist(),
+        "herding-correct": lambda: correct[herding(features[correct], ipc)].tolist(),
+        "kmeans-correct": lambda: correct[kmeans_nearest(features[correct], ipc)].tolist(),
+        "kmeans": lambda: kmeans_nearest(features, ipc),
+    }
+    if rule not in rules:
+        raise SystemExit(f"unknown rule {rule!r} (choose from {', '.join([*rules, 'real-random'])})")
+    return rules[rule]()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a diffusion run folder")
+    parser.add_argument("--rules", default="realism", help="comma-separated rule names")
+    parser.add_argument("--seeds", default="0", help="comma-separated student seeds")
+    args = parser.parse_args()
+    cfg = load_config(f"{args.run}/config.yaml")
+    if cfg.teacher.checkpoint is None:
+        raise SystemExit(f"{args.run}/config.yaml: teacher.checkpoint is not set (the run needs "
+                         "--set teacher.checkpoint=...)")
+    ctx = context_for(cfg)
+    source = ctx.source
+    with open(cfg.teacher.checkpoint, "rb") as f:
+        teacher = load_teacher(f.read(), cfg.teacher.checkpoint, source.classes, cfg, ctx.device).model.eval()
+    for rule in args.rules.split(","):
+        images, classes = [], []
+        for c in range(source.num_classes):
+            kept = load_class_images(ctx, "random" if rule == "real-random" else "generated", c)[1]
+            if rule != "real-random":
+                kept = kept[pick(rule, c, kept, teacher, cfg, ctx)]
+            images.append(kept)
+            classes += [c] * len(kept)
+        data = ImageSet(images=torch.cat(images), classes=torch.tensor(classes))
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            start = time.perf_counter()
+            top1 = evaluate(cfg, "soft_kd", data, source, seed, ctx.device, teacher=teacher)["top1"]
+            print(json.dumps({"rule": rule, "seed": seed, "soft_kd": top1,
+                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
