@@ -5,11 +5,11 @@
 RUN_FOLDER is a ``ddpipe run`` folder of the diffusion method (its ``config.yaml``, ``generated/`` pool and
 ``random/`` subset are read; its ``teacher.checkpoint`` must be set). Each rule keeps ``method.ipc`` images per
 class, then one student per seed is trained under the run's soft + KD recipe (``ddpipe.evaluate.evaluate``,
-as the evaluation stage does) and its test top-1 printed as one JSON line. ``realism`` and ``diversity`` are
-the product's rules (``method.diffusion.select``; realism gives the evaluation stage's number exactly); the
-others are candidates, measured here before any goes into the product:
+as the evaluation stage does) and its test top-1 printed as one JSON line. ``random``, ``realism`` and
+``diversity`` are the product's rules (``method.diffusion.select``, the synthesis stage's own code, so they give
+the evaluation stage's number exactly); the others are candidates, measured here before any goes into the
+product:
 
-- ``random``: a seeded draw from the whole pool (not the product's draw);
 - ``correct-random``: a seeded draw among the images the teacher classifies as their class;
 - ``correct-spread``: among those, ``ipc`` images evenly spaced in realism rank, from the most to the least
   typical;
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from ddpipe.config import load_config
-from ddpipe.coreset import herding, k_center_greedy
+from ddpipe.coreset import herding
 from ddpipe.data import ArraySplit, normalize
 from ddpipe.evaluate import ImageSet, evaluate
+from ddpipe.methods import generated_picks
 from ddpipe.pipeline import context_for
 from ddpipe.stages import load_class_images
 from ddpipe.teacher import load_teacher
@@ -60,30 +61,29 @@ def evenly(order: torch.Tensor, k: int, inner: bool = False) -> list[int]:
     return order[positions].tolist()
 
 
-def pick(rule: str, c: int, images: torch.Tensor, teacher, cfg, ctx) -> list[int]:
+PRODUCT_RULES = ("random", "realism", "diversity")
+
+
+def candidate_rules(c: int, images: torch.Tensor, teacher, cfg, ctx) -> dict:
+    """The candidate rules for class ``c``, each a function returning picks; the teacher runs once per class."""
     ipc, (mean, std) = cfg.method.ipc, cfg.normalization
     logits = predict_logits(teacher, normalize(images, mean, std), cfg.labels.batch_size, ctx.device, cfg.runtime)
     ce = torch.nn.functional.cross_entropy(logits, torch.full((len(images),), c), reduction="none")
     correct = torch.nonzero(logits.argmax(1) == c).flatten()
     pool = ArraySplit("generated", images.numpy(), np.full(len(images), c), ctx.source.num_classes, "generated")
     features = penultimate_features(teacher, pool, np.arange(len(images)), mean, std, ctx.device, cfg.runtime)
-    draw = torch.Generator().manual_seed(c)
-    rules = {
-        "realism": lambda: ce.argsort()[:ipc].tolist(),
-        "diversity": lambda: k_center_greedy(features, ipc),
-        "random": lambda: torch.randperm(len(images), generator=draw)[:ipc].tolist(),
-        "correct-random": lambda: correct[torch.randperm(len(correct), generator=draw)[:ipc]].tolist(),
-        "correct-spread": lambda: evenly(correct[ce[correct].argsort()], ipc),
-        "correct-spread-inner": lambda: evenly(correct[ce[correct].argsort()], ipc, inner=True),
+    by_realism = correct[ce[correct].argsort()]
+    return {
+        "correct-random": lambda: correct[torch.randperm(len(correct), generator=torch.Generator().manual_seed(c))
+                                          [:ipc]].tolist(),
+        "correct-spread": lambda: evenly(by_realism, ipc),
+        "correct-spread-inner": lambda: evenly(by_realism, ipc, inner=True),
         "spread": lambda: evenly(ce.argsort(), ipc),
-        "hardest-correct": lambda: correct[ce[correct].argsort(descending=True)[:ipc]].tolist(),
+        "hardest-correct": lambda: by_realism.flip(0)[:ipc].tolist(),
         "herding-correct": lambda: correct[herding(features[correct], ipc)].tolist(),
         "kmeans-correct": lambda: correct[kmeans_nearest(features[correct], ipc)].tolist(),
         "kmeans": lambda: kmeans_nearest(features, ipc),
     }
-    if rule not in rules:
-        raise SystemExit(f"unknown rule {rule!r} (choose from {', '.join([*rules, 'real-random'])})")
-    return rules[rule]()
 
 
 def main() -> None:
@@ -100,12 +100,21 @@ def main() -> None:
     source = ctx.source
     with open(cfg.teacher.checkpoint, "rb") as f:
         teacher = load_teacher(f.read(), cfg.teacher.checkpoint, source.classes, cfg, ctx.device).model.eval()
-    for rule in args.rules.split(","):
+    rules = args.rules.split(",")
+    pools = [load_class_images(ctx, "generated", c)[1] for c in range(source.num_classes)]
+    candidates = [candidate_rules(c, p, teacher, cfg, ctx) for c, p in enumerate(pools)]
+    known = {*PRODUCT_RULES, *candidates[0], "real-random"}
+    if unknown := [r for r in rules if r not in known]:
+        raise SystemExit(f"unknown rule {unknown[0]!r} (choose from {', '.join(sorted(known))})")
+    for rule in rules:
         images, classes = [], []
-        for c in range(source.num_classes):
-            kept = load_class_images(ctx, "random" if rule == "real-random" else "generated", c)[1]
-            if rule != "real-random":
-                kept = kept[pick(rule, c, kept, teacher, cfg, ctx)]
+        for c, pool in enumerate(pools):
+            if rule == "real-random":
+                kept = load_class_images(ctx, "random", c)[1]
+            elif rule in PRODUCT_RULES:
+                kept = pool[generated_picks(ctx, rule, c, pool, teacher)[0]]
+            else:
+                kept = pool[candidates[c][rule]()]
             images.append(kept)
             classes += [c] * len(kept)
         data = ImageSet(images=torch.cat(images), classes=torch.tensor(classes))

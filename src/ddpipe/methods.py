@@ -538,30 +538,35 @@ def run_quality(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
             ctx.store.write_bytes("generation/grid.png", png_bytes(image_grid([p[:10] for p in pools])))]
 
 
+def generated_picks(ctx: Context, select: str, c: int, images: torch.Tensor,
+                    teacher: torch.nn.Module) -> tuple[list[int], np.ndarray | None]:
+    """Which ``method.ipc`` of class ``c``'s generated ``images`` the rule ``select`` keeps (random, realism or
+    diversity; see ``method.diffusion.select``), with their realism scores for realism (else None)."""
+    cfg = ctx.cfg
+    ipc, (mean, std) = cfg.method.ipc, cfg.normalization
+    if select == "random":
+        return torch.randperm(len(images), generator=generator(cfg.seed, "generated-select", c))[:ipc].tolist(), None
+    if select == "realism":
+        logits = predict_logits(teacher, normalize(images, mean, std), cfg.labels.batch_size, ctx.device, cfg.runtime)
+        scores = torch.nn.functional.cross_entropy(logits, torch.full((len(images),), c), reduction="none").numpy()
+        picks = top_k(scores, ipc, largest=False)
+        return picks, scores[picks]
+    pool = ArraySplit("generated", images.numpy(), np.full(len(images), c), ctx.source.num_classes, "generated")
+    feats = penultimate_features(teacher, pool, np.arange(len(pool)), mean, std, ctx.device, cfg.runtime)
+    return k_center_greedy(feats, ipc), None
+
+
 def run_generated_selection(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     """Reduce each class's generated pool to ``ipc`` images by ``method.diffusion.select``."""
-    cfg, dc = ctx.cfg, ctx.cfg.method.diffusion
-    ipc, mean, std = cfg.method.ipc, *cfg.normalization
+    cfg = ctx.cfg
     teacher = teacher_of(ctx, inputs).model
     files = []
     for c in shard.classes:
         paths, images = load_class_images(ctx, "generated", c)
-        if len(images) < ipc:
-            raise DataError(f"class {c}: {len(images)} generated images, fewer than method.ipc={ipc} (raise "
-                            "method.diffusion.time_budget_s or images_per_class)")
-        pool = ArraySplit("generated", images.numpy(), np.full(len(images), c), ctx.source.num_classes, "generated")
-        scores = None
-        if dc.select == "random":
-            picks = torch.randperm(len(images), generator=generator(cfg.seed, "generated-select", c))[:ipc].tolist()
-        elif dc.select == "realism":
-            logits = predict_logits(teacher, normalize(images, mean, std), cfg.labels.batch_size, ctx.device,
-                                    cfg.runtime)
-            scores = torch.nn.functional.cross_entropy(logits, torch.full((len(pool),), c), reduction="none").numpy()
-            picks = top_k(scores, ipc, largest=False)
-            scores = scores[picks]
-        else:
-            feats = penultimate_features(teacher, pool, np.arange(len(pool)), mean, std, ctx.device, cfg.runtime)
-            picks = k_center_greedy(feats, ipc)
+        if len(images) < cfg.method.ipc:
+            raise DataError(f"class {c}: {len(images)} generated images, fewer than method.ipc={cfg.method.ipc} "
+                            "(raise method.diffusion.time_budget_s or images_per_class)")
+        picks, scores = generated_picks(ctx, cfg.method.diffusion.select, c, images, teacher)
         size = cfg.image_size
         rows = [synthetic_row(c, j, size, source_id=paths[i], crop=size,
                               score=None if scores is None else float(scores[j])) for j, i in enumerate(picks)]
