@@ -28,8 +28,9 @@ from torchvision.utils import save_image
 
 from ddpipe.config import load_config
 from ddpipe.data import normalize, open_source
-from ddpipe.diffusion import (Space, build_denoiser, clean_estimate, frechet_distance, noise_scheduler, noised,
-                             loss_log, read_state, sample, train_denoiser)
+from ddpipe.diffusion import (Space, build_denoiser, clean_estimate, loss_log, noise_scheduler, noised, read_state,
+                             train_denoiser)
+from ddpipe.generation import frechet_distance, sample
 from ddpipe.teacher import load_teacher
 from ddpipe.train import apply_threads, penultimate_features, predict_logits
 

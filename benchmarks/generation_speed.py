@@ -18,7 +18,8 @@ import time
 import torch
 
 from ddpipe.config import load_config
-from ddpipe.diffusion import Space, build_denoiser, generate_class, read_state
+from ddpipe.diffusion import Space, build_denoiser, read_state
+from ddpipe.generation import generate_class
 from ddpipe.train import apply_threads, resolve_device
 
 

@@ -12,8 +12,10 @@ from conftest import smoke_config
 from ddpipe.config import DiffusionConfig, RuntimeConfig
 from ddpipe.data import open_source
 from ddpipe.diffusion import (
-    Space, UViT, build_denoiser, clean_estimate, ema_decay, frechet_distance, generate_class, generation_plan,
-    noise_scheduler, noised, sample, start_noise, train_denoiser,
+    Space, UViT, build_denoiser, clean_estimate, ema_decay, noise_scheduler, noised, train_denoiser,
+)
+from ddpipe.generation import (
+    frechet_distance, generate_class, generation_plan, noise_level, sample, sampler, start_noise,
 )
 from ddpipe.errors import ConfigError
 
@@ -105,6 +107,41 @@ def test_sampling_is_deterministic_and_runs_the_configured_steps():
     guided = cfg.model_copy(update={"guidance": 3.0})
     sample(model, guided, _space(guided), torch.tensor([1, 2]), torch.randn(2, 1, 28, 28), CPU, RT)
     assert calls == [4] * 7  # one batched call per step: conditional and unconditional halves
+
+
+def test_guidance_interval_guides_only_the_steps_whose_noise_level_lies_in_it():
+    cfg = DiffusionConfig(**{**TINY, "sampler_steps": 10, "guidance": 3.0})
+    space, model = _space(cfg), build_denoiser(cfg, _space(cfg), 10).eval()
+    alphas = noise_scheduler(cfg).alphas_cumprod
+    sigma = noise_level(alphas)
+    assert sigma[0] < 0.02 and sigma[-1] > 100 and bool((sigma[1:] > sigma[:-1]).all())  # linear betas, 1,000 steps
+    assert noise_level(torch.tensor(0.5)).item() == pytest.approx(1.0)  # as much noise as signal
+    classes, noise = torch.tensor([1, 2]), torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    calls = []
+    model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+
+    def run(**update):
+        calls.clear()
+        return sample(model, cfg.model_copy(update=update), space, classes, noise, CPU, RT), list(calls)
+
+    always, calls_always = run()
+    assert calls_always == [4] * 10
+    unguided, calls_unguided = run(guidance=1.0)
+    assert calls_unguided == [2] * 10
+    # an interval holding every step's noise level is plain guidance; one holding none is no guidance
+    assert torch.equal(run(guidance_interval=(0.0, 1e4))[0], always)
+    assert torch.equal(run(guidance_interval=(1e3, 1e4))[0], unguided)
+    # the middle: guided steps are those whose sigma lies in [0.5, 5]; sampling runs from high noise to low
+    middle, calls_middle = run(guidance_interval=(0.5, 5.0))
+    solver = sampler(cfg)
+    solver.set_timesteps(10)
+    inside = [0.5 <= float(noise_level(alphas[int(t)])) <= 5.0 for t in solver.timesteps]
+    assert calls_middle == [4 if i else 2 for i in inside] and 0 < sum(inside) < 10
+    first = inside.index(True)  # one block of guided steps, after the high-noise steps the sampler starts with
+    assert first > 0 and inside == [False] * first + [True] * sum(inside) + [False] * (10 - first - sum(inside))
+    assert not torch.equal(middle, always) and not torch.equal(middle, unguided)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        DiffusionConfig(guidance_interval=(2.0, 1.0))
 
 
 class _Oracle(torch.nn.Module):

@@ -279,6 +279,11 @@ class DiffusionConfig(_Section):
     sampler_steps: int = Field(50, ge=1, description="DPM-Solver steps per sample (paper: 50).")
     guidance: float = Field(2.0, ge=0, description="Classifier-free guidance scale: 1 conditional only, >1 stronger "
                             "class signal (two model calls per step).")
+    guidance_interval: tuple[float, float] | None = Field(
+        None, description="Guide only the sampler steps whose noise level sigma = sqrt((1 - alpha_bar) / alpha_bar) "
+        "lies in [low, high] (Kynkaanniemi et al. 2024: guidance at high noise costs variety, at low noise it does "
+        "little); the other steps are conditional only, one model call. null: guide every step."
+    )
     images_per_class: int = Field(100, ge=1, description="Images generated per class (the pool ``select`` picks from).")
     time_budget_s: float | None = Field(
         None, gt=0, description="Wall-clock seconds of sampling for the whole run (each class-group shard gets its "
@@ -292,6 +297,13 @@ class DiffusionConfig(_Section):
     reference_images: int = Field(
         10000, ge=2, description="Real test images whose teacher features the Frechet distance compares against."
     )
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval(cls, v):
+        if v is not None and not (0 <= v[0] < v[1]):
+            raise ValueError("guidance_interval must satisfy 0 <= low < high")
+        return v
 
 
 SELECTIONS = ("random", "herding", "kcenter", "el2n", "forgetting", "cad")

@@ -1,5 +1,5 @@
-"""Generative distillation: a class-conditional UViT denoiser, its training, DPM-Solver sampling, and the
-Frechet distance on teacher features.
+"""Generative distillation: a class-conditional UViT denoiser and its training (sampling it is
+:mod:`ddpipe.generation`).
 
 The denoiser follows UViT (Bao et al. CVPR'23), the backbone of the ECCV'24 challenge winner
 (``../shared/seeds/004_*``): the image (or an autoencoder's latent) is cut into patches, and the patch
@@ -8,10 +8,9 @@ shallow block to its deep mirror; a linear head turns the patch tokens back into
 convolution smooths patch borders. The class index ``num_classes`` is the null class of classifier-free
 guidance (labels are dropped to it with probability ``class_dropout`` in training).
 
-Noise schedules and the DPM-Solver sampler come from ``diffusers`` (DDPMScheduler for the forward process,
-DPMSolverMultistepScheduler, an ODE solver, for sampling). Training is resumable bit for bit: every
-random draw of step ``s`` (batch, noise, timesteps, label dropout) comes from a generator seeded by
-``(seed, s)``, so a run restored from a checkpoint (step, weights, EMA weights, optimiser state) continues
+The noise schedule comes from ``diffusers`` (DDPMScheduler for the forward process). Training is resumable
+bit for bit: every random draw of step ``s`` (batch, noise, timesteps, label dropout) comes from a generator
+seeded by ``(seed, s)``, so a run restored from a checkpoint (step, weights, EMA weights, optimiser state) continues
 exactly as if it had not stopped. Nothing in a step depends on the total number of steps (the learning rate is
 constant after warm-up), so a longer run can also start from a shorter run's final state.
 """
@@ -21,7 +20,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import time
 from typing import Callable
 
 import numpy as np
@@ -186,14 +184,6 @@ def noise_scheduler(cfg: DiffusionConfig):
     return DDPMScheduler(num_train_timesteps=cfg.timesteps, beta_schedule=cfg.beta_schedule)
 
 
-def sampler(cfg: DiffusionConfig):
-    """DPM-Solver++ (2nd order, multistep), deterministic given the starting noise."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    return DPMSolverMultistepScheduler(num_train_timesteps=cfg.timesteps, beta_schedule=cfg.beta_schedule,
-                                       prediction_type=cfg.prediction, algorithm_type="dpmsolver++", solver_order=2)
-
-
 def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction: str):
     """``(x_t, target)``: the forward process at cumulative alphas ``alpha_bar`` ([n, 1, 1, 1]) and what a
     denoiser of type ``prediction`` must output for it."""
@@ -309,77 +299,3 @@ def _state(step: int, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimiz
     cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
     return {"step": step, "model": cpu(model.state_dict()), "ema": cpu(ema.state_dict()),
             "optimizer": opt.state_dict(), "losses": list(losses), "window": list(window)}
-
-
-# ---------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def sample(model: nn.Module, cfg: DiffusionConfig, space: Space, classes: torch.Tensor, noise: torch.Tensor,
-           device: torch.device, runtime: RuntimeConfig) -> torch.Tensor:
-    """Images in [0, 1] for ``classes``, from the starting ``noise`` (shape of the diffusion space), with
-    ``cfg.sampler_steps`` DPM-Solver steps and classifier-free guidance ``cfg.guidance`` (1: conditional
-    only; above 1 pushes away from the unconditional prediction; each step then calls the model twice)."""
-    solver = sampler(cfg)
-    solver.set_timesteps(cfg.sampler_steps, device=device)
-    x = noise.to(device) * solver.init_noise_sigma
-    y = classes.to(device)
-    null = torch.full_like(y, model.num_classes)
-    for t in solver.timesteps:
-        with autocast(device, runtime):
-            if cfg.guidance == 1.0:
-                out = model(x, t, y).float()
-            else:
-                both = model(torch.cat([x, x]), t, torch.cat([y, null])).float()
-                cond, uncond = both.chunk(2)
-                out = uncond + cfg.guidance * (cond - uncond)
-        x = solver.step(out, t, x).prev_sample
-    return space.decode(x)
-
-
-def generate_class(model: nn.Module, cfg: DiffusionConfig, space: Space, c: int, start: int, count: int, seed: int,
-                   device: torch.device, runtime: RuntimeConfig) -> torch.Tensor:
-    """Images ``start .. start+count-1`` of class ``c``: image ``j``'s starting noise depends only on
-    (seed, c, j), so a class's images are the same whatever the batch size or time budget."""
-    noise = start_noise(space, seed, c, range(start, start + count))
-    return sample(model, cfg, space, torch.full((count,), c, dtype=torch.int64), noise, device, runtime).cpu()
-
-
-def start_noise(space: Space, seed: int, c: int, indices) -> torch.Tensor:
-    """The starting noise of images ``indices`` of class ``c``; image j's depends only on (seed, c, j)."""
-    return torch.stack([torch.randn(space.channels, space.size, space.size, generator=generator(seed, "generate", c, j))
-                        for j in indices])
-
-
-def generation_plan(cfg: DiffusionConfig, classes: tuple[int, ...], num_classes: int,
-                    clock: Callable[[], float] = time.perf_counter):
-    """Yield ``(class, start, count)`` batches, round robin over ``classes``, until every class has
-    ``cfg.images_per_class`` images or this shard's share of ``cfg.time_budget_s`` is spent (at least one
-    round always runs, so every class gets images)."""
-    budget = None if cfg.time_budget_s is None else cfg.time_budget_s * len(classes) / num_classes
-    t0, made = clock(), 0
-    while made < cfg.images_per_class:
-        count = min(cfg.sample_batch_size, cfg.images_per_class - made)
-        for c in classes:
-            yield c, made, count
-        made += count
-        if budget is not None and clock() - t0 >= budget:
-            return
-
-
-# ---------------------------------------------------------------- quality
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [n, d] (FID's formula on any features):
-    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2), in float64 via symmetric eigendecompositions."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"frechet_distance needs two [n>=2, d] feature sets of the same d (got {a.shape}, {b.shape})")
-    mu = a.mean(0) - b.mean(0)
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(sa)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(root_a @ sb @ root_a)
-    value = mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(max(value, 0.0))

@@ -36,11 +36,9 @@ from ddpipe.augment import generator, seed_for
 from ddpipe.config import RunConfig
 from ddpipe.coreset import cad_scores, forgetting_events, herding, k_center_greedy, top_k
 from ddpipe.data import ArraySplit, normalize
-from ddpipe.diffusion import (
-    Space, build_denoiser, frechet_distance, generate_class, generation_plan, loss_log, read_state, state_bytes,
-    train_denoiser,
-)
+from ddpipe.diffusion import Space, build_denoiser, loss_log, read_state, state_bytes, train_denoiser
 from ddpipe.dynamics import dynamics_table, read_dynamics, record_dynamics
+from ddpipe.generation import frechet_distance, generate_class, generation_plan
 from ddpipe.errors import DataError
 from ddpipe.evaluate import student_batch_size, student_steps
 from ddpipe.manifests import stage_files
@@ -490,7 +488,8 @@ def run_generation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     return files
 
 
-SAMPLING_FIELDS = ("sampler_steps", "guidance", "images_per_class", "sample_batch_size", "time_budget_s")
+SAMPLING_FIELDS = ("sampler_steps", "guidance", "guidance_interval", "images_per_class", "sample_batch_size",
+                   "time_budget_s")
 
 
 def generation_key(ctx: Context, shard: Shard) -> str:
@@ -500,7 +499,8 @@ def generation_key(ctx: Context, shard: Shard) -> str:
     payload = {"denoiser": diffusion_key(ctx), "classes": list(shard.classes),
                "sampling": cfg.method.diffusion.model_dump(mode="json", include=set(SAMPLING_FIELDS)),
                "num_classes": ctx.source.num_classes, "seed": cfg.seed, "device": str(ctx.device),
-               "runtime": json.loads(cfg.section_json("runtime")), "code": code_hash("diffusion", "stages")}
+               "runtime": json.loads(cfg.section_json("runtime")),
+               "code": code_hash("diffusion", "generation", "stages")}
     return shared_key(payload)
 
 
