@@ -3,12 +3,12 @@
     python benchmarks/diffusion_selection.py RUN_FOLDER --rules realism,correct-spread --seeds 0,1,2
 
 RUN_FOLDER is a ``ddpipe run`` folder of the diffusion method (its ``config.yaml``, ``generated/`` pool and
-``random/`` subset are read; its ``teacher.checkpoint`` must be set). Each rule keeps ``method.ipc`` images per
-class, then one student per seed is trained under the run's soft + KD recipe (``ddpipe.evaluate.evaluate``,
-as the evaluation stage does) and its test top-1 printed as one JSON line. ``random``, ``realism`` and
-``diversity`` are the product's rules (``method.diffusion.select``, the synthesis stage's own code, so they give
-the evaluation stage's number exactly); the others are candidates, measured here before any goes into the
-product:
+``random/`` subset are read, and its teacher: ``teacher.checkpoint``, else the run's ``teacher/teacher.pt``). Each
+rule keeps ``method.ipc`` images per class, then one student per seed is trained under the run's soft + KD recipe
+(``ddpipe.evaluate.evaluate``, as the evaluation stage does) and its test top-1 printed as one JSON line.
+``random``, ``realism`` and ``diversity`` are the product's rules (``method.diffusion.select``, the synthesis
+stage's own code, so they give the evaluation stage's number exactly); the others are candidates, measured here
+before any goes into the product:
 
 - ``correct-random``: a seeded draw among the images the teacher classifies as their class;
 - ``correct-spread``: among those, ``ipc`` images evenly spaced in realism rank, from the most to the least
@@ -93,13 +93,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated student seeds")
     args = parser.parse_args()
     cfg = load_config(f"{args.run}/config.yaml")
-    if cfg.teacher.checkpoint is None:
-        raise SystemExit(f"{args.run}/config.yaml: teacher.checkpoint is not set (the run needs "
-                         "--set teacher.checkpoint=...)")
+    checkpoint = cfg.teacher.checkpoint or f"{args.run}/teacher/teacher.pt"  # the one the run trained, if it did
     ctx = context_for(cfg)
     source = ctx.source
-    with open(cfg.teacher.checkpoint, "rb") as f:
-        teacher = load_teacher(f.read(), cfg.teacher.checkpoint, source.classes, cfg, ctx.device).model.eval()
+    try:
+        with open(checkpoint, "rb") as f:
+            teacher = load_teacher(f.read(), checkpoint, source.classes, cfg, ctx.device).model.eval()
+    except FileNotFoundError:
+        raise SystemExit(f"{checkpoint}: no teacher checkpoint (set teacher.checkpoint, or pass a finished run)") from None
     rules = args.rules.split(",")
     pools = [load_class_images(ctx, "generated", c)[1] for c in range(source.num_classes)]
     candidates = [candidate_rules(c, p, teacher, cfg, ctx) for c, p in enumerate(pools)]
