@@ -62,6 +62,8 @@ def evenly(order: torch.Tensor, k: int, inner: bool = False) -> list[int]:
 
 
 PRODUCT_RULES = ("random", "realism", "diversity")
+CANDIDATE_RULES = ("correct-random", "correct-spread", "correct-spread-inner", "spread", "hardest-correct",
+                   "herding-correct", "kmeans-correct", "kmeans")
 
 
 def candidate_rules(c: int, images: torch.Tensor, teacher, cfg, ctx) -> dict:
@@ -92,6 +94,10 @@ def main() -> None:
     parser.add_argument("--rules", default="realism", help="comma-separated rule names")
     parser.add_argument("--seeds", default="0", help="comma-separated student seeds")
     args = parser.parse_args()
+    rules = args.rules.split(",")
+    known = (*PRODUCT_RULES, *CANDIDATE_RULES, "real-random")
+    if unknown := [r for r in rules if r not in known]:
+        raise SystemExit(f"unknown rule {unknown[0]!r} (choose from {', '.join(sorted(known))})")
     cfg = load_config(f"{args.run}/config.yaml")
     checkpoint = cfg.teacher.checkpoint or f"{args.run}/teacher/teacher.pt"  # the one the run trained, if it did
     ctx = context_for(cfg)
@@ -100,13 +106,12 @@ def main() -> None:
         with open(checkpoint, "rb") as f:
             teacher = load_teacher(f.read(), checkpoint, source.classes, cfg, ctx.device).model.eval()
     except FileNotFoundError:
-        raise SystemExit(f"{checkpoint}: no teacher checkpoint (set teacher.checkpoint, or pass a finished run)") from None
-    rules = args.rules.split(",")
+        raise SystemExit(f"{checkpoint}: no teacher checkpoint (set teacher.checkpoint, or pass a finished run)") \
+            from None
     pools = [load_class_images(ctx, "generated", c)[1] for c in range(source.num_classes)]
-    candidates = [candidate_rules(c, p, teacher, cfg, ctx) for c, p in enumerate(pools)]
-    known = {*PRODUCT_RULES, *candidates[0], "real-random"}
-    if unknown := [r for r in rules if r not in known]:
-        raise SystemExit(f"unknown rule {unknown[0]!r} (choose from {', '.join(sorted(known))})")
+    # the teacher's logits and features for the candidates only when one is asked for
+    candidates = ([candidate_rules(c, p, teacher, cfg, ctx) for c, p in enumerate(pools)]
+                  if set(rules) & set(CANDIDATE_RULES) else None)
     for rule in rules:
         images, classes = [], []
         for c, pool in enumerate(pools):

@@ -14,10 +14,10 @@ from ddpipe.data import open_source
 from ddpipe.diffusion import (
     Space, UViT, build_denoiser, clean_estimate, ema_decay, noise_scheduler, noised, train_denoiser,
 )
+from ddpipe.errors import ConfigError
 from ddpipe.generation import (
     frechet_distance, generate_class, generation_plan, noise_level, sample, sampler, start_noise,
 )
-from ddpipe.errors import ConfigError
 
 CPU, RT = torch.device("cpu"), RuntimeConfig()
 TINY = dict(dim=32, depth=3, heads=2, patch_size=7, batch_size=32, warmup_steps=0, checkpoint_every=3)

@@ -38,9 +38,9 @@ from ddpipe.coreset import cad_scores, forgetting_events, herding, k_center_gree
 from ddpipe.data import ArraySplit, normalize
 from ddpipe.diffusion import Space, build_denoiser, loss_log, read_state, state_bytes, train_denoiser
 from ddpipe.dynamics import dynamics_table, read_dynamics, record_dynamics
-from ddpipe.generation import frechet_distance, generate_class, generation_plan
 from ddpipe.errors import DataError
 from ddpipe.evaluate import student_batch_size, student_steps
+from ddpipe.generation import frechet_distance, generate_class, generation_plan
 from ddpipe.manifests import stage_files
 from ddpipe.models import init_model
 from ddpipe.pipeline import Context, Shard, Stage, code_hash, grown, shared_key, shared_outputs
