@@ -3,7 +3,7 @@
     python benchmarks/diffusion_selection.py RUN_FOLDER --rules realism,correct-spread --seeds 0,1,2
 
 RUN_FOLDER is a ``ddpipe run`` folder of the diffusion method (its ``config.yaml``, ``generated/`` pool and
-``random/`` subset are read, and its teacher: ``teacher.checkpoint``, else the run's ``teacher/teacher.pt``). Each
+``random/`` subset are read, and ``teacher/teacher.pt``: the run's teacher, from teacher.checkpoint or trained). Each
 rule keeps ``method.ipc`` images per class, then one student per seed is trained under the run's soft + KD recipe
 (``ddpipe.evaluate.evaluate``, as the evaluation stage does) and its test top-1 printed as one JSON line.
 ``random``, ``realism`` and ``diversity`` are the product's rules (``method.diffusion.select``, the synthesis
@@ -33,6 +33,7 @@ import torch
 from ddpipe.config import load_config
 from ddpipe.coreset import herding
 from ddpipe.data import ArraySplit, normalize
+from ddpipe.errors import StoreError
 from ddpipe.evaluate import ImageSet, evaluate
 from ddpipe.methods import generated_picks
 from ddpipe.pipeline import context_for
@@ -99,15 +100,15 @@ def main() -> None:
     if unknown := [r for r in rules if r not in known]:
         raise SystemExit(f"unknown rule {unknown[0]!r} (choose from {', '.join(sorted(known))})")
     cfg = load_config(f"{args.run}/config.yaml")
-    checkpoint = cfg.teacher.checkpoint or f"{args.run}/teacher/teacher.pt"  # the one the run trained, if it did
     ctx = context_for(cfg)
     source = ctx.source
+    # the teacher stage writes the run's teacher (loaded from teacher.checkpoint or trained) into the run folder
+    path = "teacher/teacher.pt"
     try:
-        with open(checkpoint, "rb") as f:
-            teacher = load_teacher(f.read(), checkpoint, source.classes, cfg, ctx.device).model.eval()
-    except FileNotFoundError:
-        raise SystemExit(f"{checkpoint}: no teacher checkpoint (set teacher.checkpoint, or pass a finished run)") \
-            from None
+        teacher = load_teacher(ctx.store.read_bytes(path), ctx.store.url(path), source.classes, cfg, ctx.device)
+    except StoreError as e:
+        raise SystemExit(f"{e} (pass a run folder whose teacher stage finished)") from None
+    teacher = teacher.model.eval()
     pools = [load_class_images(ctx, "generated", c)[1] for c in range(source.num_classes)]
     # the teacher's logits and features for the candidates only when one is asked for
     candidates = ([candidate_rules(c, p, teacher, cfg, ctx) for c, p in enumerate(pools)]
