@@ -28,9 +28,18 @@ from torchvision.utils import save_image
 
 from ddpipe.config import load_config
 from ddpipe.data import normalize, open_source
-from ddpipe.diffusion import (Space, build_denoiser, clean_estimate, loss_log, noise_scheduler, noised, read_state,
-                             train_denoiser)
-from ddpipe.generation import frechet_distance, sample
+from ddpipe.methods.diffusion.denoiser import (
+    Space,
+    build_denoiser,
+    clean_estimate,
+    loss_log,
+    noise_scheduler,
+    noised,
+    train_denoiser,
+)
+from ddpipe.methods.diffusion.generation import sample
+from ddpipe.methods.diffusion.pool import frechet_distance
+from ddpipe.store import torch_object
 from ddpipe.teacher import load_teacher
 from ddpipe.train import apply_threads, penultimate_features, predict_logits
 
@@ -55,12 +64,12 @@ def main() -> None:
     dc = cfg.method.diffusion
     source = open_source(cfg)
     with open(args.teacher, "rb") as f:
-        teacher = load_teacher(f.read(), args.teacher, source.classes, cfg, CPU)
+        teacher = load_teacher(f.read(), args.teacher, source.classes, cfg.input_format, CPU, cfg.runtime)
     space = Space(dc, cfg.image_size, cfg.channels, CPU)
     result: dict = {"config": args.config, "overrides": args.overrides}
     if args.denoiser:
         with open(args.denoiser, "rb") as f:
-            weights = read_state(f.read(), args.denoiser)["ema"]
+            weights = torch_object(f.read(), f"diffusion state {args.denoiser}")["ema"]
         result["denoiser"] = args.denoiser
     else:
         dc = dc.model_copy(update={"steps": args.train_steps})

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from ddpipe.config import load_config
-from ddpipe.coreset import herding
 from ddpipe.data import ArraySplit, normalize
 from ddpipe.errors import StoreError
 from ddpipe.evaluate import ImageSet, evaluate
-from ddpipe.methods import generated_picks
+from ddpipe.imageset import read_class
+from ddpipe.methods.diffusion.pool import generated_picks
+from ddpipe.methods.selection.coreset import herding
 from ddpipe.pipeline import context_for
-from ddpipe.stages import load_class_images
 from ddpipe.teacher import load_teacher
 from ddpipe.train import penultimate_features, predict_logits
 
@@ -105,11 +105,12 @@ def main() -> None:
     # the teacher stage writes the run's teacher (loaded from teacher.checkpoint or trained) into the run folder
     path = "teacher/teacher.pt"
     try:
-        teacher = load_teacher(ctx.store.read_bytes(path), ctx.store.url(path), source.classes, cfg, ctx.device)
+        teacher = load_teacher(ctx.store.read_bytes(path), ctx.store.url(path), source.classes, cfg.input_format,
+                               ctx.device, cfg.runtime)
     except StoreError as e:
         raise SystemExit(f"{e} (pass a run folder whose teacher stage finished)") from None
     teacher = teacher.model.eval()
-    pools = [load_class_images(ctx, "generated", c)[1] for c in range(source.num_classes)]
+    pools = [read_class(ctx.store, "generated", c, cfg.channels)[1] for c in range(source.num_classes)]
     # the teacher's logits and features for the candidates only when one is asked for
     candidates = ([candidate_rules(c, p, teacher, cfg, ctx) for c, p in enumerate(pools)]
                   if set(rules) & set(CANDIDATE_RULES) else None)
@@ -117,7 +118,7 @@ def main() -> None:
         images, classes = [], []
         for c, pool in enumerate(pools):
             if rule == "real-random":
-                kept = load_class_images(ctx, "random", c)[1]
+                kept = read_class(ctx.store, "random", c, cfg.channels)[1]
             elif rule in PRODUCT_RULES:
                 kept = pool[generated_picks(ctx, rule, c, pool, teacher)[0]]
             else:

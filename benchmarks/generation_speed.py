@@ -18,8 +18,9 @@ import time
 import torch
 
 from ddpipe.config import load_config
-from ddpipe.diffusion import Space, build_denoiser, read_state
-from ddpipe.generation import generate_class
+from ddpipe.methods.diffusion.denoiser import Space, build_denoiser
+from ddpipe.methods.diffusion.generation import generate_class
+from ddpipe.store import torch_object
 from ddpipe.train import apply_threads, resolve_device
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     state = None
     if args.denoiser:
         with open(args.denoiser, "rb") as f:
-            state = read_state(f.read(), args.denoiser)
+            state = torch_object(f.read(), f"diffusion state {args.denoiser}")
     model = build_denoiser(dc, space, len(state["classes"]) if state else args.classes)
     if state:
         model.load_state_dict(state["ema"])

@@ -27,16 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ddpipe.config import load_config  # noqa: E402
 from ddpipe.data import DataSource, FolderSplit  # noqa: E402
-from ddpipe.methods import stages_for  # noqa: E402
+from ddpipe.imageset import image_path  # noqa: E402
 from ddpipe.pipeline import Context, finalize_stage, flow_task_runs, make_plan, run_shard, status  # noqa: E402
-from ddpipe.stages import image_path  # noqa: E402
+from ddpipe.stages import stages_for  # noqa: E402
 
 
 def rss_mb() -> float:

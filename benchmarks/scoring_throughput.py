@@ -2,7 +2,7 @@
 
     python benchmarks/scoring_throughput.py [--config configs/fashion-mnist-rded-ipc10.yaml] [--repeats 3]
 
-Scoring (``ddpipe.rded.score_class``: draw candidates, cut K crops each, teacher forward, cross-entropy, best
+Scoring (``ddpipe.methods.rded.score_class``: draw candidates, cut K crops each, teacher forward, cross-entropy, best
 crop per image, ranking) is timed over every class. The bare forward pass runs the same teacher, at the same
 batch size, over the very same crops, prepared beforehand. Target: scoring throughput >= 80% of the bare
 forward throughput. The teacher has random weights: throughput does not depend on them.
@@ -19,9 +19,9 @@ import torch
 
 from ddpipe.augment import generator
 from ddpipe.config import load_config
+from ddpipe.methods.rded import cut_images, draw_candidates, score_class, scoring_inputs
 from ddpipe.models import init_model
 from ddpipe.pipeline import context_for
-from ddpipe.rded import cut_images, draw_candidates, score_class, scoring_inputs
 from ddpipe.teacher import Teacher
 from ddpipe.train import autocast, batch_to, to_device
 
@@ -45,9 +45,9 @@ def main() -> None:
     # The crops scoring will cut, prepared once for the bare forward pass.
     inputs = []
     for c in classes:
-        cands, images, boxes = draw_candidates(source.train, c, cfg, generator(cfg.seed, "scoring", c))
+        cands, images, boxes = draw_candidates(source.train, c, cfg.method, cfg.factor, generator(cfg.seed, "scoring", c))
         patches = cut_images(images, torch.arange(len(cands)).repeat_interleave(k), boxes, cfg.image_size // cfg.factor)
-        inputs.append(scoring_inputs(patches, cfg))
+        inputs.append(scoring_inputs(patches, cfg.method.patch_view, cfg.input_format))
     crops = sum(len(x) for x in inputs)
     bs = cfg.method.batch_size
 
@@ -65,7 +65,8 @@ def main() -> None:
 
     def scoring():
         for c in classes:
-            score_class(teacher, source.train, c, cfg, generator(cfg.seed, "scoring", c), device)
+            score_class(teacher, source.train, c, cfg.method, cfg.factor, cfg.input_format, cfg.runtime,
+                        generator(cfg.seed, "scoring", c), device)
         sync()
 
     bare(), scoring()  # warm-up

@@ -3,7 +3,7 @@
     python benchmarks/statistics_throughput.py [--config configs/fashion-mnist-gvbsm-ipc10.yaml] [--images 20000]
         [--per-shape]
 
-Collection (``ddpipe.statistics.collect``: read the batch, normalise, forward with a hook on every conv input
+Collection (``ddpipe.methods.recovery.statistics.collect``: read the batch, normalise, forward with a hook on every conv input
 that adds the channel and patch moments) is timed over the first ``--images`` training images, per teacher of
 the config. The bare forward pass runs the same teacher at the same batch size over the same images,
 normalised beforehand. Target: collection throughput >= 80% of the bare forward throughput. Teachers have
@@ -24,9 +24,9 @@ import torch
 
 from ddpipe.config import load_config
 from ddpipe.data import normalize
+from ddpipe.methods.recovery.statistics import batch_sums, collect, conv_layers
 from ddpipe.models import init_model
 from ddpipe.pipeline import context_for
-from ddpipe.statistics import batch_sums, collect, conv_layers
 from ddpipe.train import batch_to, to_device
 
 

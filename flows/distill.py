@@ -22,7 +22,10 @@ import base64
 
 from prefect import flow
 from prefect.artifacts import (
-    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
     update_progress_artifact,
 )
 from prefect.futures import as_completed
@@ -30,9 +33,9 @@ from prefect.futures import as_completed
 from ddpipe.config import RunConfig
 from ddpipe.flows.runners import shard_resources, task_runner_for
 from ddpipe.manifests import StageManifest
-from ddpipe.methods import stages_for
 from ddpipe.pipeline import Driver, Shard, Stage, context_for, drive, run_store
 from ddpipe.report import GRID_CLASSES, GRID_IMAGES, results_rows, results_table
+from ddpipe.stages import stages_for
 from ddpipe.tasks.pipeline import RunRef, finalize_stage, plan_run, prepare_run, report, run_shard
 
 

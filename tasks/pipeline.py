@@ -22,12 +22,12 @@ from pydantic import BaseModel
 
 from ddpipe import pipeline
 from ddpipe.config import RunConfig
+from ddpipe.dataset import dataset_classes
 from ddpipe.errors import DDPipeError
 from ddpipe.manifests import ShardResult, StageManifest
 from ddpipe.pipeline import Shard, Stage, context_for
 from ddpipe.report import write_report
-from ddpipe.methods import stages_for
-from ddpipe.stages import dataset_classes
+from ddpipe.stages import stages_for
 
 
 class RunRef(BaseModel):

@@ -58,11 +58,12 @@ def trained_teacher(session_dir):
 
     c = smoke_config(session_dir / "runs")
     source = open_source(c)
-    model = train_teacher(c, source, torch.device("cpu"))
-    acc = measure(model, c, source, torch.device("cpu"))
-    data = checkpoint_bytes(model, c, source, c.teacher.model, acc)
+    cpu, fmt = torch.device("cpu"), c.input_format
+    model = train_teacher(c.teacher, c.teacher.model, fmt, source, c.seed, cpu, c.runtime)
+    acc = measure(model, fmt, source, cpu, c.runtime, c.evaluation.test_batch_size)
+    data = checkpoint_bytes(model, fmt, source, c.teacher.model, acc)
     (session_dir / "teacher.pt").write_bytes(data)
-    return c, source, load_teacher(data, "teacher.pt", source.classes, c, torch.device("cpu"))
+    return c, source, load_teacher(data, "teacher.pt", source.classes, fmt, cpu, c.runtime)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600):

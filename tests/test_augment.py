@@ -48,8 +48,9 @@ def test_seed_for_is_stable():
 
 
 def real_batch(n=8):
-    from conftest import smoke_config
     from ddpipe.data import normalize, open_source
+
+    from conftest import smoke_config
 
     cfg = smoke_config("/tmp/unused")
     source = open_source(cfg)

@@ -2,11 +2,10 @@
 
 from pathlib import Path
 
-import pytest
 import yaml
+from test_data import write_image_folder
 
 from conftest import SMOKE, run_cli
-from test_data import write_image_folder
 
 
 def assert_one_line_error(proc, *fragments):

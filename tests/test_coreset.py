@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpipe.coreset import cad_scores, el2n, forgetting_events, herding, k_center_greedy, top_k
+from ddpipe.methods.selection.coreset import cad_scores, el2n, forgetting_events, herding, k_center_greedy, top_k
 
 
 def test_herding_picks_the_point_closest_to_the_running_mean():

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import smoke_config
 from ddpipe.config import DiffusionConfig, RuntimeConfig
 from ddpipe.data import open_source
-from ddpipe.diffusion import (
-    Space, UViT, build_denoiser, clean_estimate, ema_decay, noise_scheduler, noised, train_denoiser,
-)
 from ddpipe.errors import ConfigError
-from ddpipe.generation import (
-    frechet_distance, generate_class, generation_plan, noise_level, sample, sampler, start_noise,
+from ddpipe.methods.diffusion.denoiser import (
+    Space,
+    UViT,
+    build_denoiser,
+    clean_estimate,
+    ema_decay,
+    noise_scheduler,
+    noised,
+    train_denoiser,
 )
+from ddpipe.methods.diffusion.generation import (
+    generate_class,
+    generation_plan,
+    noise_level,
+    sample,
+    sampler,
+    start_noise,
+)
+from ddpipe.methods.diffusion.pool import frechet_distance
+
+from conftest import smoke_config
 
 CPU, RT = torch.device("cpu"), RuntimeConfig()
 TINY = dict(dim=32, depth=3, heads=2, patch_size=7, batch_size=32, warmup_steps=0, checkpoint_every=3)
@@ -238,7 +250,8 @@ def test_every_diffusion_field_is_classified_for_the_denoiser_key():
     with another value would silently reuse a denoiser trained without it. Likewise a field that changes the
     generated images must be in the shared pool's key (SAMPLING_FIELDS); the rest only steer selection, quality
     or checkpoint frequency."""
-    from ddpipe.methods import SAMPLING_FIELDS, TRAINING_FIELDS
+    from ddpipe.methods.diffusion.generation import SAMPLING_FIELDS
+    from ddpipe.methods.diffusion.training import TRAINING_FIELDS
 
     after_sampling = {"checkpoint_every", "select", "reference_images"}
     training, sampling = set(TRAINING_FIELDS), set(SAMPLING_FIELDS)

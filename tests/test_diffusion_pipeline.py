@@ -15,8 +15,8 @@ import torch
 
 from ddpipe.config import load_config
 from ddpipe.data import open_source
-from ddpipe.diffusion import Space, loss_log, train_denoiser
 from ddpipe.errors import DataError
+from ddpipe.methods.diffusion.denoiser import Space, loss_log, train_denoiser
 from ddpipe.pipeline import run_store
 from ddpipe.runner import run_pipeline
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ddpipe.evaluate import ImageSet, evaluate, summarize, train_student
-from ddpipe.labels import expand, labels_table, region_views, regions, soft_labels
+from ddpipe.imageset import regions
+from ddpipe.labels import expand, labels_table, region_views, soft_labels
 
 from conftest import smoke_config
 
@@ -20,7 +21,7 @@ def setup(trained_teacher, tmp_path_factory):
     cfg = smoke_config(tmp_path_factory.mktemp("ev"), "evaluation.epochs=30")
     data = real_set(source)
     views, meta = region_views(data.images, 1)
-    probs = soft_labels(teacher.model, views, cfg, CPU)
+    probs = soft_labels(teacher.model, views, cfg.labels, *cfg.normalization, CPU, cfg.runtime)
     table = labels_table([str(i) for i in range(len(data))], data.classes.tolist(), meta, probs, 10, cfg.labels)
     data.soft = expand(table).view(len(data), 1, 10)
     data.regions = regions(28, 1)
@@ -69,18 +70,19 @@ def test_summarize():
 def test_stitched_images_train_on_their_regions(trained_teacher, tmp_path):
     from ddpipe.augment import generator
     from ddpipe.evaluate import sample_regions
-    from ddpipe.rded import score_class, selected_rows, stitch_class
+    from ddpipe.methods.rded import score_class, selected_rows, stitch_class
 
     _, source, teacher = trained_teacher
     cfg = smoke_config(tmp_path, "method.factor=2", "method.ipc=3", "method.patch_view=resize",
                        "method.candidates_per_class=50", "evaluation.epochs=60")
     images = []
     for c in range(10):  # real RDED images: four 14 px patches each
-        rows = selected_rows(score_class(teacher, source.train, c, cfg, generator(c), CPU), cfg)
-        images.append(stitch_class(source.train, rows, cfg)[0])
+        table = score_class(teacher, source.train, c, cfg.method, cfg.factor, cfg.input_format, cfg.runtime, generator(c), CPU)
+        rows = selected_rows(table, cfg.patches_per_class)
+        images.append(stitch_class(source.train, rows, cfg.method.ipc, cfg.factor, cfg.input_format)[0])
     images = torch.cat(images)
     views, meta = region_views(images, 2)
-    probs = soft_labels(teacher.model, views, cfg, CPU)
+    probs = soft_labels(teacher.model, views, cfg.labels, *cfg.normalization, CPU, cfg.runtime)
     soft = expand(labels_table([str(i) for i in range(30)], [i // 3 for i in range(30)], meta, probs, 10,
                                cfg.labels)).view(30, 5, 10)
     stitched = ImageSet(images=images, classes=torch.arange(10).repeat_interleave(3), soft=soft,

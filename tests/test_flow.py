@@ -101,8 +101,9 @@ def test_smoke_on_a_distributed_task_runner_writes_the_same_outputs(harness, tmp
 
 
 def test_evaluate_flow_runs_a_matrix_as_distill_subflows(harness, tmp_path):
-    from conftest import CONFIGS
     from ddpipe.flows.evaluate import evaluate
+
+    from conftest import CONFIGS
 
     overrides = [f"store.uri={tmp_path}", *FAST, "evaluation.regimes=[hard]", "evaluation.full=false"]
     state = evaluate(matrix=str(CONFIGS / "matrix" / "smoke.yaml"), overrides=overrides, return_state=True)

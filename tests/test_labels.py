@@ -1,4 +1,3 @@
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +29,7 @@ def test_stored_soft_labels_equal_the_teacher_output_within_fp16(trained_teacher
     images = real_images(source)
     views, meta = region_views(images, 1)
     table = labels_table([f"i{k}" for k in range(len(images))], [4] * len(images), meta,
-                         soft_labels(teacher.model, views, cfg, CPU), 10, cfg.labels)
+                         soft_labels(teacher.model, views, cfg.labels, *cfg.normalization, CPU, cfg.runtime), 10, cfg.labels)
     assert table.schema.field("probs").type.value_type == "halffloat"
     stored = expand(table)
     expected = teacher_probs(teacher, images, cfg)
@@ -45,7 +44,7 @@ def test_region_level_labels_for_stitched_images(trained_teacher, tmp_path):
     images = real_images(source, 2)
     views, meta = region_views(images, 2)
     assert [m[1] for m in meta] == [0, 1, 2, 3, 4] * 2
-    stored = expand(labels_table(["a", "b"], [4, 4], meta, soft_labels(teacher.model, views, cfg, CPU), 10, cfg.labels))
+    stored = expand(labels_table(["a", "b"], [4, 4], meta, soft_labels(teacher.model, views, cfg.labels, *cfg.normalization, CPU, cfg.runtime), 10, cfg.labels))
     whole = teacher_probs(teacher, images, cfg)
     assert torch.allclose(stored[0], whole[0], atol=1e-6) and torch.allclose(stored[5], whole[1], atol=1e-6)
     # region 4 of image 1 = bottom-right 14x14 cell, resized to 28x28
@@ -61,7 +60,7 @@ def test_top_k_labels_keep_the_largest_and_spread_the_rest(trained_teacher, tmp_
     n = 100
     images = real_images(source, n)
     views, meta = region_views(images, 1)
-    probs = soft_labels(teacher.model, views, cfg, CPU)
+    probs = soft_labels(teacher.model, views, cfg.labels, *cfg.normalization, CPU, cfg.runtime)
     paths = [f"i{k}" for k in range(n)]
     dense = labels_table(paths, [4] * n, meta, probs, 10, dense_cfg)
     top = labels_table(paths, [4] * n, meta, probs, 10, topk_cfg)

@@ -6,7 +6,7 @@ from unittest import mock
 
 import pytest
 
-import ddpipe.stages
+import ddpipe.evaluate
 from ddpipe.errors import ConfigError
 from ddpipe.matrix import MatrixConfig, cell_configs, load_matrix, matrix_store, run_matrix
 from ddpipe.pipeline import run_store
@@ -50,7 +50,7 @@ def test_a_crashed_matrix_resumes_without_redoing_finished_cells(tmp_path):
         run_matrix(spec, root, crash_after_two, overrides)
     finished = {c.run_name: sorted(p.stat().st_mtime_ns for p in Path(run_store(c).root).rglob("*.json")
                                    if p.name not in ("report.json", "run.json")) for c in done}
-    with mock.patch.object(ddpipe.stages, "evaluate", wraps=ddpipe.stages.evaluate) as trained:
+    with mock.patch.object(ddpipe.evaluate, "evaluate", wraps=ddpipe.evaluate.evaluate) as trained:
         report = run_matrix(spec, root, run_pipeline, overrides)
     # only the two herding cells' distilled students train (2 regimes each); references are shared
     assert trained.call_count == 2 * 2

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from ddpipe.config import ModelSpec
-from ddpipe.models import MODEL_NAMES, ConvNet, build_model, init_model
+from ddpipe.models import MODELS, ConvNet, ModelSpec, build_model, init_model
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_registry_model_takes_any_channels_and_classes(name, channels):
     model = build_model(ModelSpec(name=name), channels, 7, 32).eval()

@@ -9,7 +9,7 @@ import pytest
 
 from ddpipe.pipeline import run_store, status
 from ddpipe.runner import run_pipeline
-from ddpipe.methods import stages_for
+from ddpipe.stages import stages_for
 
 from conftest import smoke_config
 

@@ -6,8 +6,15 @@ import torch.nn.functional as F
 from ddpipe.augment import generator
 from ddpipe.data import normalize
 from ddpipe.errors import DataError
-from ddpipe.rded import (
-    cell_boxes, cut, cut_images, draw_candidates, score_class, scoring_inputs, selected_rows, stitch_class,
+from ddpipe.imageset import cell_boxes
+from ddpipe.methods.rded import (
+    cut,
+    cut_images,
+    draw_candidates,
+    score_class,
+    scoring_inputs,
+    selected_rows,
+    stitch_class,
 )
 
 from conftest import smoke_config
@@ -15,10 +22,15 @@ from conftest import smoke_config
 CPU = torch.device("cpu")
 
 
+def score(teacher, split, c, cfg, gen):
+    """RDED's scoring of class ``c`` with the sections of ``cfg``, on the CPU."""
+    return score_class(teacher, split, c, cfg.method, cfg.factor, cfg.input_format, cfg.runtime, gen, CPU)
+
+
 def test_scoring_keeps_each_candidates_lowest_ce_crop_and_ranks_by_it(trained_teacher):
     cfg, source, teacher = trained_teacher
     c, k = 3, cfg.method.crops_per_image
-    candidates, images, boxes = draw_candidates(source.train, c, cfg, generator(7))
+    candidates, images, boxes = draw_candidates(source.train, c, cfg.method, cfg.factor, generator(7))
     patches = cut_images(images, torch.arange(len(candidates)).repeat_interleave(k), boxes, 28)
     mean, std = cfg.normalization
     with torch.no_grad():  # one crop at a time: independent of the batched scorer
@@ -26,7 +38,7 @@ def test_scoring_keeps_each_candidates_lowest_ce_crop_and_ranks_by_it(trained_te
             F.cross_entropy(teacher.model(normalize(p[None], mean, std)), torch.tensor([c]))[()] for p in patches
         ]).view(len(candidates), k)
 
-    table = score_class(teacher, source.train, c, cfg, generator(7), CPU).to_pylist()
+    table = score(teacher, source.train, c, cfg, generator(7)).to_pylist()
     assert len(table) == len(candidates) == cfg.method.candidates_per_class
     for row in table:
         i = row["candidate"]
@@ -43,8 +55,8 @@ def test_scoring_keeps_each_candidates_lowest_ce_crop_and_ranks_by_it(trained_te
 
 def test_scoring_is_deterministic(trained_teacher):
     cfg, source, teacher = trained_teacher
-    a = score_class(teacher, source.train, 5, cfg, generator(1), CPU)
-    b = score_class(teacher, source.train, 5, cfg, generator(1), CPU)
+    a = score(teacher, source.train, 5, cfg, generator(1))
+    b = score(teacher, source.train, 5, cfg, generator(1))
     assert a.equals(b)
 
 
@@ -52,8 +64,8 @@ def test_scoring_is_deterministic(trained_teacher):
 def test_stitched_regions_equal_the_selected_crops(trained_teacher, tmp_path, factor):
     _, source, teacher = trained_teacher
     cfg = smoke_config(tmp_path, f"method.factor={factor}", "method.ipc=3")
-    rows = selected_rows(score_class(teacher, source.train, 8, cfg, generator(2), CPU), cfg)
-    images, provenance = stitch_class(source.train, rows, cfg)
+    rows = selected_rows(score(teacher, source.train, 8, cfg, generator(2)), cfg.patches_per_class)
+    images, provenance = stitch_class(source.train, rows, cfg.method.ipc, cfg.factor, cfg.input_format)
     ipc, cells = 3, cell_boxes(28, factor)
     assert images.shape == (ipc, 1, 28, 28) and len(provenance) == ipc * factor**2
     used = set()
@@ -75,7 +87,7 @@ def test_stitched_regions_equal_the_selected_crops(trained_teacher, tmp_path, fa
 def test_scoring_pads_small_patches_to_the_input_size(trained_teacher, tmp_path):
     cfg = smoke_config(tmp_path, "method.factor=2")
     patch = torch.full((1, 1, 14, 14), 255, dtype=torch.uint8)
-    x = scoring_inputs(patch, cfg)
+    x = scoring_inputs(patch, cfg.method.patch_view, cfg.input_format)
     assert x.shape == (1, 1, 28, 28)
     assert torch.all(x[0, 0, :7] == 0) and torch.all(x[0, 0, 7:21, 7:21] > 0)  # zero = the mean colour
 
@@ -84,7 +96,7 @@ def test_too_few_images_for_the_ipc_is_refused(trained_teacher, tmp_path):
     _, source, teacher = trained_teacher
     cfg = smoke_config(tmp_path, "method.ipc=101", "method.candidates_per_class=300")
     with pytest.raises(DataError, match="fewer than factor"):
-        score_class(teacher, source.train, 0, cfg, generator(0), CPU)
+        score(teacher, source.train, 0, cfg, generator(0))
 
 
 def test_cell_boxes_tile_the_image():

@@ -8,8 +8,9 @@ from ddpipe.augment import generator
 from ddpipe.config import CurriculumConfig, build_config
 from ddpipe.errors import ConfigError
 from ddpipe.evaluate import mse_loss
-from ddpipe.recovery import crop_lower_bound, dd_loss, recover
-from ddpipe.statistics import collect, global_statistics
+from ddpipe.methods import METHODS
+from ddpipe.methods.recovery.recover import crop_lower_bound, dd_loss, recover
+from ddpipe.methods.recovery.statistics import collect, global_statistics
 from ddpipe.teacher import Ensemble, ensemble_logits
 
 from conftest import smoke_config
@@ -67,8 +68,8 @@ def test_mse_loss_compares_logits_up_to_a_shift(tmp_path):
     cfg = smoke_config(tmp_path)
     teacher = torch.tensor([[2.0, -1.0, 0.5]])
     probs = torch.softmax(teacher / cfg.labels.temperature, dim=1)
-    assert float(mse_loss(teacher + 7.0, probs, cfg)) == pytest.approx(0.0, abs=1e-6)
-    assert float(mse_loss(torch.tensor([[0.0, 0.0, 0.0]]), probs, cfg)) == pytest.approx(
+    assert float(mse_loss(teacher + 7.0, probs, cfg.labels.temperature)) == pytest.approx(0.0, abs=1e-6)
+    assert float(mse_loss(torch.tensor([[0.0, 0.0, 0.0]]), probs, cfg.labels.temperature)) == pytest.approx(
         float(((teacher - teacher.mean()) ** 2).mean()), rel=1e-5)
 
 
@@ -84,8 +85,8 @@ def test_matching_losses_fall_during_recovery(trained_teacher, tmp_path, method)
     cfg = smoke_config(tmp_path, f"method.name={method}", "method.recovery.iterations=80", "method.recovery.lr=0.1",
                        "method.recovery.r_bn=1.0", "method.recovery.drop_rate=0.0", "method.recovery.dd_weight=0")
     init = torch.randn(10, 1, 28, 28, generator=generator(0, "t"))
-    images, info = recover(cfg, [(teacher.model, _stats(teacher, source, cfg))], torch.arange(10), init, "cpu",
-                           generator(0, "r"))
+    images, info = recover(cfg.method.recovery, METHODS[method].variant, [(teacher.model, _stats(teacher, source, cfg))],
+                           torch.arange(10), init, *cfg.normalization, "cpu", cfg.runtime, generator(0, "r"))
     assert images.dtype == torch.uint8 and images.shape == (10, 1, 28, 28)
     kinds = ["bn", "conv"] if method == "gvbsm" else ["bn"]
     for kind in kinds:
@@ -101,5 +102,6 @@ def test_recovery_is_reproducible_from_its_seed(trained_teacher, tmp_path):
     cfg = smoke_config(tmp_path, "method.name=cda", "method.recovery.iterations=15")
     stats = _stats(teacher, source, cfg)
     init = torch.randn(4, 1, 28, 28, generator=generator(0, "t"))
-    run = lambda: recover(cfg, [(teacher.model, stats)], torch.arange(4), init, "cpu", generator(0, "r"))[0]  # noqa: E731
+    run = lambda: recover(cfg.method.recovery, METHODS["cda"].variant, [(teacher.model, stats)], torch.arange(4),  # noqa: E731
+                          init, *cfg.normalization, "cpu", cfg.runtime, generator(0, "r"))[0]
     assert torch.equal(run(), run())

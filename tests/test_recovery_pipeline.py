@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ddpipe.config import load_config
+from ddpipe.methods.recovery.statistics import read_statistics
 from ddpipe.pipeline import run_store
 from ddpipe.runner import run_pipeline
-from ddpipe.statistics import read_statistics
 
 from conftest import CONFIGS, ROOT
 
@@ -49,12 +49,12 @@ def test_a_trained_teacher_is_shared_by_later_runs_in_the_store(tmp_path, monkey
     first = preset("smoke-sre2l", store, "evaluation.regimes=[hard]")
     run_pipeline(first)
 
-    import ddpipe.stages
+    import ddpipe.teacher
 
     def no_training(*args, **kwargs):
         raise AssertionError("the teacher was trained again")
 
-    monkeypatch.setattr(ddpipe.stages, "train_teacher", no_training)
+    monkeypatch.setattr(ddpipe.teacher, "train_teacher", no_training)
     second = preset("smoke-sre2l", store, "evaluation.regimes=[hard]", "method.ipc=1")  # another run folder
     assert second.run_name != first.run_name
     run_pipeline(second)

@@ -9,9 +9,9 @@ import pytest
 
 from ddpipe.config import load_config
 from ddpipe.data import ArraySplit, DataSource
-from ddpipe.methods import stages_for
 from ddpipe.pipeline import Context, flow_task_runs, run_store
 from ddpipe.runner import run_pipeline
+from ddpipe.stages import stages_for
 
 from conftest import CONFIGS
 

@@ -8,10 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ddpipe.coreset import cad_scores, herding, top_k
 from ddpipe.data import open_source
-from ddpipe.dynamics import checkpoint_steps, read_dynamics
-from ddpipe.methods import dynamics_steps
+from ddpipe.methods.selection.coreset import cad_scores, herding, top_k
+from ddpipe.methods.selection.dynamics import checkpoint_steps, dynamics_steps, read_dynamics
 from ddpipe.pipeline import run_store
 from ddpipe.runner import run_pipeline, run_stages
 from ddpipe.train import penultimate_features
@@ -51,7 +50,7 @@ def test_cad_keeps_the_top_scores_of_each_class_and_shares_dynamics_with_el2n(tm
     assert report["regimes"]["hard"]["distilled"]["mean"] > 0.1
 
     # el2n at the same ipc and budget reuses the trained proxy (training would fail here)
-    with mock.patch("ddpipe.methods.record_dynamics", side_effect=AssertionError("retrained")):
+    with mock.patch("ddpipe.methods.selection.dynamics.record_dynamics", side_effect=AssertionError("retrained")):
         other = smoke_config(store, "method.name=el2n", *FAST)
         run_stages(other, "synthesis")
     again = pq.read_table(Path(run_store(other).root) / "dynamics/seed0.parquet")
@@ -85,8 +84,8 @@ def test_ca2d_scores_the_cad_pool_and_herding_follows_the_teacher_features(tmp_p
     from ddpipe.teacher import load_teacher
 
     source = open_source(cfg)
-    teacher = load_teacher((folder / "teacher/teacher.pt").read_bytes(), "teacher.pt", source.classes, cfg,
-                           torch.device("cpu"))
+    teacher = load_teacher((folder / "teacher/teacher.pt").read_bytes(), "teacher.pt", source.classes,
+                           cfg.input_format, torch.device("cpu"), cfg.runtime)
     pool = source.train.class_indices(4)
     mean, std = cfg.normalization
     feats = penultimate_features(teacher.model, source.train, pool, mean, std, torch.device("cpu"), cfg.runtime)
@@ -97,11 +96,11 @@ def test_ca2d_scores_the_cad_pool_and_herding_follows_the_teacher_features(tmp_p
 def test_random_baseline_students_are_trained_once_per_store(tmp_path):
     """A herding run after an RDED run in the same store, same students: the random-subset students are
     reused (only the distilled set's student trains), and give the same accuracy."""
-    import ddpipe.stages
+    import ddpipe.evaluate
 
     store = tmp_path / "runs"
     first = run_pipeline(smoke_config(store, *FAST))
-    with mock.patch.object(ddpipe.stages, "evaluate", wraps=ddpipe.stages.evaluate) as trained:
+    with mock.patch.object(ddpipe.evaluate, "evaluate", wraps=ddpipe.evaluate.evaluate) as trained:
         second = run_pipeline(smoke_config(store, "method.name=herding", *FAST))
     assert trained.call_count == 1
     assert second["regimes"]["hard"]["random"] == first["regimes"]["hard"]["random"]

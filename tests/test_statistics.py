@@ -3,8 +3,17 @@
 import numpy as np
 import torch
 
-from ddpipe.statistics import (
-    CLOSED_FORM_MAX_PIXELS, batch_sums, collect, conv_layers, global_statistics, merge, moments_bytes, patch_grid, read_moments, read_statistics,
+from ddpipe.methods.recovery.statistics import (
+    CLOSED_FORM_MAX_PIXELS,
+    batch_sums,
+    collect,
+    conv_layers,
+    global_statistics,
+    merge,
+    moments_bytes,
+    patch_grid,
+    read_moments,
+    read_statistics,
     statistics_bytes,
 )
 

@@ -41,3 +41,22 @@ def test_unwritable_store_is_a_clear_error(tmp_path):
             Store(uri).check_writable()
     with pytest.raises(StoreError):
         Store("nosuchprotocol://x/y")
+
+
+def test_torch_objects_round_trip_and_bad_bytes_are_one_named_error():
+    import torch
+
+    from ddpipe.errors import CheckpointError
+    from ddpipe.methods.recovery.statistics import read_statistics
+    from ddpipe.store import torch_bytes, torch_object
+
+    obj = {"w": torch.arange(6.0).view(2, 3), "step": 7, "names": ["a", "b"]}
+    back = torch_object(torch_bytes(obj), "state.pt")
+    assert torch.equal(back["w"], obj["w"]) and back["step"] == 7 and back["names"] == ["a", "b"]
+    assert torch_bytes(obj) == torch_bytes(obj)  # the same object gives the same bytes
+    full = torch_bytes(obj)
+    for bad in (b"not a torch file", full[: len(full) // 2]):
+        with pytest.raises(CheckpointError, match="teacher checkpoint s3://b/t.pt is not readable"):
+            torch_object(bad, "teacher checkpoint s3://b/t.pt")
+    with pytest.raises(CheckpointError, match="stats.pt is not a ddpipe-statistics/1 file"):
+        read_statistics(full, "stats.pt")  # readable, but not a statistics file

@@ -23,10 +23,10 @@ def test_refuses_a_teacher_for_another_class_map(trained_teacher, session_dir):
     swapped = list(source.classes)
     swapped[2], swapped[4] = swapped[4], swapped[2]
     with pytest.raises(ClassMapMismatchError) as e:
-        load_teacher(data, "teacher.pt", swapped, cfg, CPU)
+        load_teacher(data, "teacher.pt", swapped, cfg.input_format, CPU, cfg.runtime)
     assert "class 2 is 'Pullover' in the checkpoint but 'Coat' in the data" in str(e.value)
     with pytest.raises(ClassMapMismatchError, match="10 classes in the checkpoint, 9 in the data"):
-        load_teacher(data, "teacher.pt", source.classes[:9], cfg, CPU)
+        load_teacher(data, "teacher.pt", source.classes[:9], cfg.input_format, CPU, cfg.runtime)
 
 
 def test_unreadable_checkpoint_is_named():
@@ -42,6 +42,11 @@ def test_teacher_training_is_deterministic(cfg):
 
     small = load_config(SMOKE, ["dataset.train_per_class=20", "teacher.epochs=1"])
     source = open_source(small)
-    a = checkpoint_bytes(train_teacher(small, source, CPU), small, source, small.teacher.model, 0.0)
-    b = checkpoint_bytes(train_teacher(small, source, CPU), small, source, small.teacher.model, 0.0)
+    fmt = small.input_format
+
+    def trained() -> bytes:
+        model = train_teacher(small.teacher, small.teacher.model, fmt, source, small.seed, CPU, small.runtime)
+        return checkpoint_bytes(model, fmt, source, small.teacher.model, 0.0)
+
+    a, b = trained(), trained()
     assert a == b

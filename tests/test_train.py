@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ddpipe.config import ModelSpec, OptimConfig, RuntimeConfig
-from ddpipe.models import build_model
+from ddpipe.config import OptimConfig, RuntimeConfig
+from ddpipe.models import ModelSpec, build_model
 from ddpipe.train import build_optimizer, lr_factor, maybe_compile, resolve_device
 
 

@@ -9,10 +9,10 @@ import os
 import socket
 import subprocess
 
-import browser
 import pytest
 from PIL import Image
 
+import browser
 from conftest import ROOT, smoke_config
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddpipe.errors import ConfigError
+from ddpipe.methods import METHODS
+from ddpipe.models import ModelSpec
+
+METHOD_NAMES = tuple(METHODS)  # the registry is the only list of method names (ModelSpec: ddpipe.models)
 
 # Sections that do not change what a run computes; left out of the run hash.
 NON_RESULT_SECTIONS = ("store", "orchestration", "runtime")
@@ -31,25 +37,6 @@ NON_RESULT_SECTIONS = ("store", "orchestration", "runtime")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Section):
-    """A network from the model registry (:mod:`ddpipe.models`)."""
-
-    name: Literal[
-        "convnet", "resnet18_small", "wrn_16_2", "mobilenet_v2_small", "shufflenet_v2_x0_5_small", "resnet18",
-        "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"
-    ] = Field("convnet", description="Architecture name in the model registry (`*_small`: the CIFAR-style variants "
-              "for <= 64 px images).")
-    width_mult: float = Field(
-        1.0, gt=0, description="mobilenet_v2 and mobilenet_v2_small only: channel width multiplier (G-VBSM uses 0.5)."
-    )
-    width: int = Field(128, ge=1, description="ConvNet only: channels of every conv layer.")
-    depth: int = Field(3, ge=1, le=8, description="ConvNet only: number of conv-norm-relu-pool blocks.")
-    norm: Literal["batch", "instance", "none"] = Field(
-        "instance", description="ConvNet only: normalisation after each conv (instance = GroupNorm with one group per channel)."
-    )
-    pooling: Literal["avg", "max", "none"] = Field("avg", description="ConvNet only: 2x2 pooling after each block.")
 
 
 class OptimConfig(_Section):
@@ -306,10 +293,6 @@ class DiffusionConfig(_Section):
         return v
 
 
-SELECTIONS = ("random", "herding", "kcenter", "el2n", "forgetting", "cad")
-DYNAMICS_METHODS = ("el2n", "forgetting", "cad", "ca2d")
-
-
 class MethodConfig(_Section):
     """The distillation method and its settings.
 
@@ -319,8 +302,9 @@ class MethodConfig(_Section):
     the candidate pool chosen by CAD-Prune instead of at random. diffusion: images sampled from a class-conditional
     denoiser trained on the data (the ``diffusion`` sub-section)."""
 
-    name: Literal["rded", "sre2l", "cda", "gvbsm", "random", "herding", "kcenter", "el2n", "forgetting", "cad", "ca2d",
-                  "diffusion"] = Field("rded", description="Distillation method.")
+    name: Literal[METHOD_NAMES] = Field(
+        "rded", description="Distillation method: " + "; ".join(f"{n}: {m.summary}" for n, m in METHODS.items()) + "."
+    )
     ipc: int = Field(10, ge=1, description="Images per class in the distilled set.")
     candidates_per_class: int = Field(
         300, ge=1, description="|T'_c|: images drawn at random per class before scoring (paper: 300)."
@@ -349,18 +333,13 @@ class MethodConfig(_Section):
 
     @property
     def recovers(self) -> bool:
-        """True for the methods that recover images from noise (sre2l, cda, gvbsm)."""
-        return self.name in ("sre2l", "cda", "gvbsm")
+        """True for the methods that recover images from noise against BatchNorm statistics (the registry's entry)."""
+        return METHODS[self.name].recovers
 
     @property
     def stitches(self) -> bool:
-        """True for the methods that score crops and stitch them (rded, ca2d): factor and candidates apply."""
-        return self.name in ("rded", "ca2d")
-
-    @property
-    def selects(self) -> bool:
-        """True for the coreset selections of whole real images (random, herding, kcenter, el2n, forgetting, cad)."""
-        return self.name in SELECTIONS
+        """True for the methods that score crops and stitch them (the registry's entry): factor and candidates apply."""
+        return METHODS[self.name].stitches
 
 
 class StatisticsConfig(_Section):
@@ -504,6 +483,17 @@ class RuntimeConfig(_Section):
     loader_workers: int = Field(0, ge=0, description="Worker processes decoding image-folder files.")
 
 
+@dataclass(frozen=True)
+class InputFormat:
+    """What the networks of a run see: square images of ``size`` px with ``channels`` channels, normalised
+    per channel by ``mean`` and ``std`` (on [0, 1] pixels)."""
+
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
 class RunConfig(_Section):
     """A whole ddpipe run."""
 
@@ -569,6 +559,10 @@ class RunConfig(_Section):
         return tuple(self.dataset.mean or mean), tuple(self.dataset.std or std)
 
     @property
+    def input_format(self) -> InputFormat:
+        return InputFormat(self.image_size, self.channels, *self.normalization)
+
+    @property
     def factor(self) -> int:
         if not self.method.stitches:
             return 1
@@ -584,6 +578,20 @@ class RunConfig(_Section):
         """Patches RDED selects per class, factor^2 x ipc, each cut from a distinct source image: also the
         training images every class must have (the random subset's ipc images are no more)."""
         return self.factor**2 * self.method.ipc
+
+    def student_batch_size(self, n: int) -> int:
+        """Batch size of a student trained on a set of ``n`` images."""
+        if self.evaluation.batch_size:
+            return min(self.evaluation.batch_size, n)
+        ipc = self.method.ipc
+        return min(n, 10 if ipc == 1 else 50 if ipc <= 10 else 100)
+
+    def student_steps(self, n: int) -> int:
+        """Training steps of a student on ``n`` images: ``evaluation.steps`` when set (a budget matched across
+        sets and methods), else ``evaluation.epochs`` passes."""
+        if self.evaluation.steps:
+            return self.evaluation.steps
+        return self.evaluation.epochs * math.ceil(n / self.student_batch_size(n))
 
     def hash(self) -> str:
         """Hash of everything that changes the results (all sections but store, orchestration, runtime)."""

@@ -31,7 +31,7 @@ class ClassMapMismatchError(DDPipeError):
 
 
 class CheckpointError(DDPipeError):
-    """A checkpoint file is missing or unreadable."""
+    """A checkpoint or another stored torch file (statistics, diffusion state) is missing or unreadable."""
 
 
 class TeacherError(DDPipeError):

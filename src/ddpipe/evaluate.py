@@ -1,4 +1,6 @@
-"""Evaluation: train a student from scratch on a small image set and measure top-1 on the real test split.
+"""Evaluation: train a student from scratch on a small image set and measure top-1 on the real test split;
+the ``evaluation`` stage (a shard per set x regime x seed x student architecture,
+``evaluation/{set}-{regime}-seed{S}[-studentK].json``).
 
 Three label regimes (Dey et al. 2026, "Hard truths about soft labels"):
 
@@ -14,12 +16,13 @@ For stitched images (factor > 1) each sample shows one of its regions resized to
 that region's stored label (RDED Eq. 10), unless ``evaluation.region_views`` is off. Every batch is then
 augmented by :class:`~ddpipe.augment.Augmenter` (crop, flip, CutMix; labels mixed by
 area). A set's accuracy is taken at the final step; the same recipe and step count are used for the
-distilled set and for the random subset it is compared with.
+distilled set and for the random subset it is compared with. The random-subset and full-set students are
+reference students, shared by every run in the store that has the same inputs (:func:`baseline_key`).
 """
 
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,10 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpipe import progress
 from ddpipe.augment import Augmenter, crop_resize, generator, seed_for
-from ddpipe.config import ModelSpec, RunConfig
+from ddpipe.config import EvaluationConfig, RunConfig
 from ddpipe.data import DataSource, normalize
-from ddpipe.models import init_model
+from ddpipe.dataset import dataset_classes
+from ddpipe.imageset import SETS, read_class, regions, set_factor
+from ddpipe.labels import expand
+from ddpipe.manifests import stage_files
+from ddpipe.models import ModelSpec, init_model
+from ddpipe.pipeline import Context, Shard, Stage, shared_key, shared_outputs
+from ddpipe.store import FileRecord
+from ddpipe.teacher import label_model
 from ddpipe.train import Fitter, accuracy, autocast, batch_to, maybe_compile, to_device
 
 REGIMES = ("hard", "soft", "soft_kd")
@@ -55,21 +66,6 @@ class ImageSet:
         return self.budget_images or len(self.images)
 
 
-def student_batch_size(cfg: RunConfig, n: int) -> int:
-    if cfg.evaluation.batch_size:
-        return min(cfg.evaluation.batch_size, n)
-    ipc = cfg.method.ipc
-    return min(n, 10 if ipc == 1 else 50 if ipc <= 10 else 100)
-
-
-def student_steps(cfg: RunConfig, n: int) -> int:
-    """Training steps of a student on ``n`` images: ``evaluation.steps`` when set (a budget matched across
-    sets and methods), else ``evaluation.epochs`` passes."""
-    if cfg.evaluation.steps:
-        return cfg.evaluation.steps
-    return cfg.evaluation.epochs * math.ceil(n / student_batch_size(cfg, n))
-
-
 def sample_regions(data: ImageSet, n: int, region_views: bool, gen: torch.Generator) -> torch.Tensor:
     """Which region each of ``n`` samples shows: 0 (the whole image) unless the images are stitched and
     ``region_views`` is on, then one grid cell (1..f^2) uniformly at random."""
@@ -79,20 +75,21 @@ def sample_regions(data: ImageSet, n: int, region_views: bool, gen: torch.Genera
     return torch.randint(1, cells + 1, (n,), generator=gen)
 
 
-def kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    t = cfg.labels.temperature
+def kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float,
+            ev: EvaluationConfig) -> torch.Tensor:
+    t = temperature
     loss = F.kl_div(F.log_softmax(student_logits / t, dim=1), target_probs, reduction="batchmean")
-    return loss * (t * t) if cfg.evaluation.temperature_squared else loss
+    return loss * (t * t) if ev.temperature_squared else loss
 
 
 def centred(z: torch.Tensor) -> torch.Tensor:
     return z - z.mean(dim=1, keepdim=True)
 
 
-def mse_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+def mse_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """G-VBSM's logit MSE. The teacher's logits are recovered from its softened probabilities as T log p, which
     equals them up to a per-row shift; both sides are centred per row, so the shift does not matter."""
-    target = cfg.labels.temperature * torch.log(target_probs.clamp_min(1e-12))
+    target = temperature * torch.log(target_probs.clamp_min(1e-12))
     return F.mse_loss(centred(student_logits), centred(target))
 
 
@@ -132,8 +129,8 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
     gen = generator(cfg.seed, "student", regime, seed)
     aug = Augmenter(ev.augment, gen)
     n = len(data)
-    bs = student_batch_size(cfg, data.budget)
-    total = student_steps(cfg, data.budget)
+    bs = cfg.student_batch_size(data.budget)
+    total = cfg.student_steps(data.budget)
     fitter = Fitter(student, ev.optim, total)
     size = data.images.shape[-1]
     region_boxes = torch.tensor(data.regions) if data.regions else None
@@ -165,9 +162,9 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
                 if regime == "soft" and lam < 1.0:
                     target = lam * target + (1 - lam) * target[perm]
                 if ev.loss == "kl":
-                    loss = kl_loss(logits, target, cfg)
+                    loss = kl_loss(logits, target, cfg.labels.temperature, ev)
                 else:
-                    loss = mse_loss(logits, target, cfg) + ev.gt_weight * class_ce(logits, y, perm, lam)
+                    loss = mse_loss(logits, target, cfg.labels.temperature) + ev.gt_weight * class_ce(logits, y, perm, lam)
             fitter.step(loss)
             step += 1
             if progress:
@@ -181,7 +178,7 @@ def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, se
     student = train_student(cfg, regime, data, source.num_classes, seed, device, teacher, progress, student_index)
     mean, std = cfg.normalization
     top1 = accuracy(student, source.test, mean, std, device, cfg.runtime, cfg.evaluation.test_batch_size)
-    bs = student_batch_size(cfg, data.budget)
+    bs = cfg.student_batch_size(data.budget)
     return {
         "regime": regime,
         "seed": seed,
@@ -189,7 +186,7 @@ def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, se
         "top1": round(top1, 6),
         "images": len(data),
         "batch_size": bs,
-        "steps": student_steps(cfg, data.budget),
+        "steps": cfg.student_steps(data.budget),
         "test_images": len(source.test),
     }
 
@@ -201,3 +198,93 @@ def summarize(values: list[float]) -> dict:
         "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
         "values": [float(v) for v in arr],
     }
+
+
+# ---------------------------------------------------------------- the evaluation stage
+
+
+def load_image_set(ctx: Context, set_name: str, num_classes: int, with_labels: bool) -> ImageSet:
+    """A stored set (:mod:`ddpipe.imageset`) in memory, with its soft labels when ``with_labels``."""
+    cfg = ctx.cfg
+    images, classes, soft = [], [], []
+    for c in range(num_classes):
+        _, imgs = read_class(ctx.store, set_name, c, cfg.channels)
+        images.append(imgs)
+        classes += [c] * len(imgs)
+        if with_labels:
+            table = ctx.store.read_table(f"{set_name}/labels/class={c:05d}.parquet")
+            soft.append(expand(table).view(len(imgs), -1, num_classes))
+    return ImageSet(
+        images=torch.cat(images), classes=torch.tensor(classes, dtype=torch.int64),
+        soft=torch.cat(soft) if with_labels else None,
+        regions=regions(cfg.image_size, set_factor(cfg.factor, set_name)),
+    )
+
+
+def full_set(ctx: Context, num_classes: int) -> ImageSet:
+    """The whole training split as an image set, trained with the budget of the ipc sets."""
+    split = ctx.source.train
+    images = split.batch(np.arange(len(split)))
+    return ImageSet(images=images, classes=torch.from_numpy(split.labels).long(),
+                    regions=regions(ctx.cfg.image_size, 1), budget_images=ctx.cfg.method.ipc * num_classes)
+
+
+def baseline_key(ctx: Context, shard: Shard, inputs) -> str:
+    """What a reference student (random subset, full set) depends on: the subset's images and labels and the
+    teachers (online KD), the data, the student recipe and budget, the regime and seed, and the code."""
+    cfg = ctx.cfg
+    files = []
+    if shard.set == "random":
+        files += [f for f in stage_files(ctx.store, inputs["random_subset"])]
+        files += [f for f in stage_files(ctx.store, inputs["labels"]) if f.path.startswith("random/")]
+        files += [f for f in stage_files(ctx.store, inputs["teacher"]) if f.path.endswith(".pt")]
+    payload = {
+        "set": shard.set, "files": sorted((f.path, f.sha256) for f in files), "test": ctx.source.test.fingerprint,
+        "train": ctx.source.train.fingerprint,
+        "sections": json.loads(cfg.section_json("evaluation", "labels")), "ipc": cfg.method.ipc, "seed": cfg.seed,
+        "regime": shard.regime, "student": shard.seed, "model": shard.student or 0,
+    }
+    return shared_key(payload, code=run_evaluation)
+
+
+def run_evaluation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Train one student on one set under one regime and seed; its final top-1 on the test split."""
+    num_classes = len(dataset_classes(ctx.store, inputs["dataset"]))
+    with_labels = shard.regime == "soft"
+    if shard.set == "full":
+        data = ctx.cached("set:full", lambda: full_set(ctx, num_classes))
+    else:
+        data = ctx.cached(
+            f"set:{shard.set}:{with_labels}:{inputs['labels'].sha256}",
+            lambda: load_image_set(ctx, shard.set, num_classes, with_labels),
+        )
+
+    def compute() -> dict[str, bytes]:
+        result = evaluate(ctx.cfg, shard.regime, data, ctx.source, shard.seed, ctx.device,
+                          label_model(ctx, inputs) if shard.regime == "soft_kd" else None,
+                          progress.stepper("evaluation", shard.id, every=20), shard.student or 0)
+        result["set"] = shard.set
+        result["student"] = shard.student or 0
+        return {"result.json": json.dumps(result, indent=1, sort_keys=True).encode()}
+
+    rel = f"evaluation/{shard.id}.json"
+    if shard.set in ("random", "full"):  # the same reference student for every method run with the same inputs and recipe
+        out = shared_outputs(ctx.cfg, "baselines", baseline_key(ctx, shard, inputs), compute)
+    else:
+        out = compute()
+    return [ctx.store.write_bytes(rel, out["result.json"])]
+
+
+def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    ev = ctx.cfg.evaluation
+    return [
+        Shard(id=f"{s}-{r}-seed{seed}" + (f"-student{k}" if k else ""), set=s, regime=r, seed=seed, student=k)
+        for k in range(len(student_models(ctx.cfg))) for r in ev.regimes for seed in ev.seeds
+        for s in SETS if s == "distilled" or ev.baseline
+    ] + [Shard(id=f"full-hard-seed{seed}", set="full", regime="hard", seed=seed, student=0)
+         for seed in ev.seeds if ev.full and "hard" in ev.regimes]
+
+
+EVALUATION = Stage("evaluation", ("dataset", "teacher", "synthesis", "random_subset", "labels"),
+                   ("dataset", "method", "labels", "evaluation"), _eval_shards, run_evaluation,
+                   doc="train students under every regime and measure test accuracy")

@@ -1,4 +1,5 @@
-"""Soft labels: the teacher's softened output for every region of a distilled image, stored compactly.
+"""Soft labels: the teacher's softened output for every region of a distilled image, stored compactly; the
+``labels`` stage, which labels both sets (``{distilled,random}/labels/class=CCCCC.parquet``).
 
 For factor 1 an image has one region (region 0, the whole image). For factor f > 1 it has the whole
 image (region 0) and its f^2 stitched cells (regions 1..f^2, each resized to the input size before the
@@ -17,9 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from ddpipe.augment import crop_resize
-from ddpipe.config import LabelsConfig, RunConfig
+from ddpipe.config import LabelsConfig, RuntimeConfig
 from ddpipe.data import normalize
-from ddpipe.rded import cell_boxes
+from ddpipe.dataset import dataset_classes
+from ddpipe.imageset import SETS, read_class, regions, set_factor
+from ddpipe.pipeline import Context, Shard, Stage, class_groups
+from ddpipe.store import FileRecord
+from ddpipe.teacher import label_model
 from ddpipe.train import predict_logits
 
 
@@ -45,12 +50,6 @@ def _index_type(num_classes: int) -> pa.DataType:
     return pa.int16() if num_classes <= 32767 else pa.int32()
 
 
-def regions(size: int, factor: int) -> list[tuple[int, int, int, int]]:
-    """Region boxes of an image: the whole image, then the grid cells when factor > 1."""
-    whole = [(0, 0, size, size)]
-    return whole if factor == 1 else whole + cell_boxes(size, factor)
-
-
 def region_views(images: torch.Tensor, factor: int) -> tuple[torch.Tensor, list[tuple[int, int, tuple]]]:
     """Every region of every uint8 image as a float [0, 255] view at full size, and (image, region, box) meta."""
     n, _, size, _ = images.shape
@@ -64,11 +63,11 @@ def region_views(images: torch.Tensor, factor: int) -> tuple[torch.Tensor, list[
     return views, meta
 
 
-def soft_labels(teacher_model, views: torch.Tensor, cfg: RunConfig, device) -> torch.Tensor:
+def soft_labels(teacher_model, views: torch.Tensor, labels: LabelsConfig, mean, std, device,
+                runtime: RuntimeConfig) -> torch.Tensor:
     """softmax(teacher(view) / T) for float [0, 255] views; float32 [V, K] on CPU."""
-    mean, std = cfg.normalization
-    logits = predict_logits(teacher_model, normalize(views / 255.0, mean, std), cfg.labels.batch_size, device, cfg.runtime)
-    return F.softmax(logits / cfg.labels.temperature, dim=1)
+    logits = predict_logits(teacher_model, normalize(views / 255.0, mean, std), labels.batch_size, device, runtime)
+    return F.softmax(logits / labels.temperature, dim=1)
 
 
 def labels_table(image_paths: list[str], classes: list[int], meta, probs: torch.Tensor, num_classes: int,
@@ -112,3 +111,33 @@ def expand(table: pa.Table) -> torch.Tensor:
 def _fixed_list(column: pa.ChunkedArray, width: int) -> np.ndarray:
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(-1, width)
+
+
+# ---------------------------------------------------------------- the labels stage
+
+
+def run_labels(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Soft labels for every region of every image of one set's class group."""
+    cfg = ctx.cfg
+    model = label_model(ctx, inputs)
+    factor = set_factor(cfg.factor, shard.set)
+    num_classes = len(dataset_classes(ctx.store, inputs["dataset"]))
+    mean, std = cfg.normalization
+    files = []
+    for c in shard.classes:
+        paths, images = read_class(ctx.store, shard.set, c, cfg.channels)
+        views, meta = region_views(images, factor)
+        probs = soft_labels(model, views, cfg.labels, mean, std, ctx.device, cfg.runtime)
+        table = labels_table(paths, [c] * len(paths), meta, probs, num_classes, cfg.labels)
+        files.append(ctx.store.write_table(f"{shard.set}/labels/class={c:05d}.parquet", table))
+    return files
+
+
+def _label_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    return [
+        Shard(id=f"{s}-{g.id}", classes=g.classes, set=s) for s in SETS for g in class_groups(ctx, num_classes)
+    ]
+
+
+LABELS = Stage("labels", ("dataset", "teacher", "synthesis", "random_subset"), ("dataset", "method", "labels"),
+               _label_shards, run_labels, doc="soft labels from the teacher for every region of both sets")

@@ -1,4 +1,5 @@
-"""The model registry: every network ddpipe trains, built from a :class:`~ddpipe.config.ModelSpec`.
+"""The model registry: every network ddpipe trains, built from a :class:`ModelSpec` (the config section that names
+one: ``teacher.model``, ``evaluation.model``, ...). :data:`MODELS` is the only list of model names.
 
 All builders take any input channel count and class count:
 
@@ -18,11 +19,11 @@ All builders take any input channel count and class count:
 from __future__ import annotations
 
 import threading
+from typing import Callable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-from ddpipe.config import ModelSpec
 
 
 class ConvNet(nn.Module):
@@ -134,25 +135,44 @@ def _shufflenet_v2_small(in_channels: int, num_classes: int) -> nn.Module:
 
 
 _INIT_LOCK = threading.Lock()  # the global RNG is shared by the flow's worker threads
-MODEL_NAMES = ("convnet", "resnet18_small", "wrn_16_2", "mobilenet_v2_small", "shufflenet_v2_x0_5_small", "resnet18",
-               "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0")
+
+# The model registry, the only list of model names (ModelSpec.name accepts its keys):
+# name -> builder(spec, in_channels, num_classes, image_size).
+MODELS: dict[str, Callable[["ModelSpec", int, int, int], nn.Module]] = {
+    "convnet": lambda s, cin, k, size: ConvNet(cin, k, size, s.width, s.depth, s.norm, s.pooling),
+    "resnet18_small": lambda s, cin, k, size: _resnet18_small(cin, k),
+    "wrn_16_2": lambda s, cin, k, size: WideResNet(cin, k, 16, 2),
+    "mobilenet_v2_small": lambda s, cin, k, size: _mobilenet_v2_small(cin, k, s.width_mult),
+    "shufflenet_v2_x0_5_small": lambda s, cin, k, size: _shufflenet_v2_small(cin, k),
+    "resnet18": lambda s, cin, k, size: _torchvision("resnet18", cin, k),
+    "mobilenet_v2": lambda s, cin, k, size: _torchvision("mobilenet_v2", cin, k, width_mult=s.width_mult),
+    "shufflenet_v2_x0_5": lambda s, cin, k, size: _torchvision("shufflenet_v2_x0_5", cin, k),
+    "efficientnet_b0": lambda s, cin, k, size: _torchvision("efficientnet_b0", cin, k),
+}
+
+
+class ModelSpec(BaseModel):
+    """A network from the model registry :data:`MODELS` (a config section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal[tuple(MODELS)] = Field(
+        "convnet", description="Architecture name in the model registry (`*_small`: the CIFAR-style variants for <= 64 px "
+        "images).")
+    width_mult: float = Field(
+        1.0, gt=0, description="mobilenet_v2 and mobilenet_v2_small only: channel width multiplier (G-VBSM uses 0.5)."
+    )
+    width: int = Field(128, ge=1, description="ConvNet only: channels of every conv layer.")
+    depth: int = Field(3, ge=1, le=8, description="ConvNet only: number of conv-norm-relu-pool blocks.")
+    norm: Literal["batch", "instance", "none"] = Field(
+        "instance", description="ConvNet only: normalisation after each conv (instance = GroupNorm with one group per channel)."
+    )
+    pooling: Literal["avg", "max", "none"] = Field("avg", description="ConvNet only: 2x2 pooling after each block.")
 
 
 def build_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """Build a randomly initialised network (use ``torch.manual_seed`` or a checkpoint for determinism)."""
-    if spec.name == "convnet":
-        return ConvNet(in_channels, num_classes, image_size, spec.width, spec.depth, spec.norm, spec.pooling)
-    if spec.name == "resnet18_small":
-        return _resnet18_small(in_channels, num_classes)
-    if spec.name == "wrn_16_2":
-        return WideResNet(in_channels, num_classes, 16, 2)
-    if spec.name == "mobilenet_v2_small":
-        return _mobilenet_v2_small(in_channels, num_classes, spec.width_mult)
-    if spec.name == "shufflenet_v2_x0_5_small":
-        return _shufflenet_v2_small(in_channels, num_classes)
-    if spec.name == "mobilenet_v2":
-        return _torchvision(spec.name, in_channels, num_classes, width_mult=spec.width_mult)
-    return _torchvision(spec.name, in_channels, num_classes)
+    return MODELS[spec.name](spec, in_channels, num_classes, image_size)
 
 
 def init_model(spec: ModelSpec, in_channels: int, num_classes: int, image_size: int, seed: int) -> nn.Module:

@@ -8,8 +8,10 @@ the shard is computed, every output is re-read and checked (sha256, Parquet row 
 shard record is written. :func:`finalize_stage` joins the shard records into the stage manifest.
 
 The cache key of a shard is :func:`shard_key`: the stage's config sections, the run seed, the shard, the
-content hashes of its input stage manifests, the code version, and for the dataset stage the data's
-fingerprint. The Prefect tasks use the very same key.
+content hashes of its input stage manifests, the stage's code (:meth:`Stage.code`: the modules defining its
+functions and everything they import, :mod:`ddpipe.codehash`), and for the dataset stage the data's
+fingerprint. The Prefect tasks use the very same key. Outputs shared across runs (:func:`shared_outputs`)
+have keys of their own, :func:`shared_key`, whose code part is derived the same way.
 
 :func:`drive` is the one loop over a run's stages and shards. :func:`ddpipe.runner.run_pipeline` drives it
 with plain function calls; the ``distill`` flow drives it with the same calls as Prefect tasks.
@@ -23,34 +25,27 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable
 
 from pydantic import BaseModel
 
-import ddpipe
 from ddpipe import progress
+from ddpipe.codehash import code_hash
 from ddpipe.config import RunConfig
 from ddpipe.errors import ValidationError
 from ddpipe.manifests import (
-    ShardResult, StageManifest, files_of, parse_record, plan_table, record_path, records_table, shard_result,
-    stage_path, write_stage_manifest,
+    ShardResult,
+    StageManifest,
+    files_of,
+    parse_record,
+    plan_table,
+    record_path,
+    records_table,
+    shard_result,
+    stage_path,
+    write_stage_manifest,
 )
 from ddpipe.store import FileRecord, Store, sha256_bytes
-
-
-def code_hash(*modules: str) -> str:
-    """Hash of the library's source: every module, or only the named ones (``"teacher"``, ``"models"``, ...)."""
-    h = hashlib.sha256()
-    root = Path(ddpipe.__file__).parent
-    paths = sorted(root.rglob("*.py")) if not modules else [root / f"{m}.py" for m in sorted(modules)]
-    for path in paths:
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:12]
-
-
-CODE_VERSION = f"{ddpipe.__version__}+{code_hash()}"
 
 
 class Shard(BaseModel):
@@ -77,10 +72,30 @@ class Stage:
     fingerprint: Callable[["Context"], str] | None = None  # extra key input (e.g. the data's content hash)
     doc: str = ""
 
+    def code(self) -> str:
+        """The code part of the stage's key: the modules defining its functions and everything they import."""
+        return code_hash(*(f for f in (self.run, self.plan, self.fingerprint) if f is not None))
+
 
 def grown(size: int, total: int, max_shards: int) -> int:
     """``size`` items per shard, grown so that ``total`` items make at most ``max_shards`` shards."""
     return max(size, -(-total // max_shards))
+
+
+def class_groups(ctx: "Context", num_classes: int) -> list[Shard]:
+    """Consecutive classes, ``orchestration.classes_per_shard`` per shard (more when there would be more than
+    ``orchestration.max_shards_per_stage`` shards)."""
+    orch = ctx.cfg.orchestration
+    size = grown(orch.classes_per_shard, num_classes, orch.max_shards_per_stage)
+    return [
+        Shard(id=f"classes-{s:05d}-{min(s + size, num_classes) - 1:05d}", classes=tuple(range(s, min(s + size, num_classes))))
+        for s in range(0, num_classes, size)
+    ]
+
+
+def single_shard(name: str):
+    """A stage plan of one shard named ``name``."""
+    return lambda ctx, num_classes: [Shard(id=name)]
 
 
 def run_store(cfg: RunConfig) -> Store:
@@ -88,9 +103,10 @@ def run_store(cfg: RunConfig) -> Store:
     return Store(cfg.store.uri, cfg.store.storage_options).child(cfg.run_name)
 
 
-def shared_key(payload: dict) -> str:
-    """The key of a shared output: a hash of ``payload``, everything the output depends on (JSON-able)."""
-    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:32]
+def shared_key(payload: dict, code: Callable) -> str:
+    """The key of a shared output: a hash of ``payload`` (everything the output depends on, JSON-able) and of the
+    code of ``code``'s module with everything it imports (:func:`ddpipe.codehash.code_hash`)."""
+    return sha256_bytes(json.dumps({**payload, "code": code_hash(code)}, sort_keys=True).encode())[:32]
 
 
 def shared_outputs(cfg: RunConfig, kind: str, key: str, compute: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
@@ -173,7 +189,7 @@ def shard_key(ctx: Context, stage: Stage, shard: Shard, inputs: dict[str, StageM
         "seed": cfg.seed,
         "config": json.loads(cfg.section_json(*stage.sections)),
         "inputs": {name: inputs[name].sha256 for name in sorted(stage.inputs)},
-        "code": CODE_VERSION,
+        "code": stage.code(),
         "fingerprint": stage.fingerprint(ctx) if stage.fingerprint else None,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

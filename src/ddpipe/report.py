@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import json
 
+from ddpipe.codehash import CODE_VERSION
 from ddpipe.evaluate import student_models, summarize
+from ddpipe.imageset import image_grid, png_bytes, read_class
 from ddpipe.manifests import StageManifest, stage_files
-from ddpipe.pipeline import CODE_VERSION, Context
+from ddpipe.pipeline import Context
 from ddpipe.scores import hard_label_recovery, label_robust_score
-from ddpipe.stages import image_grid, load_class_images, png_bytes
 
 GRID_CLASSES, GRID_IMAGES = 20, 10  # distilled/grid.png shows at most this many classes and images per class
 
@@ -133,7 +134,7 @@ def scores(regimes: dict) -> dict:
 
 def distilled_grid(ctx: Context, num_classes: int) -> bytes:
     """PNG of the distilled images, a row per class (the first GRID_CLASSES classes, GRID_IMAGES images each)."""
-    rows = [load_class_images(ctx, "distilled", c)[1][:GRID_IMAGES] for c in range(min(num_classes, GRID_CLASSES))]
+    rows = [read_class(ctx.store, "distilled", c, ctx.cfg.channels)[1][:GRID_IMAGES] for c in range(min(num_classes, GRID_CLASSES))]
     return png_bytes(image_grid(rows))
 
 

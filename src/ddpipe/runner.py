@@ -7,11 +7,11 @@ files, byte for byte.
 from __future__ import annotations
 
 from ddpipe.config import RunConfig
+from ddpipe.dataset import dataset_classes
 from ddpipe.manifests import StageManifest
-from ddpipe.methods import stages_for
 from ddpipe.pipeline import Driver, context_for, drive, finalize_stage, make_plan, prepare, run_shard
 from ddpipe.report import write_report
-from ddpipe.stages import dataset_classes
+from ddpipe.stages import stages_for
 
 
 def run_stages(cfg: RunConfig, until: str | None = None) -> tuple[dict[str, StageManifest], dict[str, float]]:

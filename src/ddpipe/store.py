@@ -5,6 +5,9 @@
 same folder that is then renamed over the target; on object stores a file is one PUT, which readers see
 whole or not at all. A write returns a :class:`FileRecord` (path, sha256, bytes, rows) that manifests keep
 and :meth:`Store.verify` checks later.
+
+Stored formats: Parquet tables (:func:`table_bytes`) and torch objects (:func:`torch_bytes` /
+:func:`torch_object`: teacher checkpoints, statistics, diffusion states), PNG images (:mod:`ddpipe.imageset`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from ddpipe.errors import StoreError
+from ddpipe.errors import CheckpointError, StoreError
 
 
 class FileRecord(BaseModel):
@@ -41,6 +44,28 @@ def table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` of ``obj`` (tensors in plain dicts and lists) as bytes."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def torch_object(data: bytes, name: str) -> Any:
+    """The object in :func:`torch_bytes` output (loaded on the CPU, tensors and plain types only); a
+    :class:`~ddpipe.errors.CheckpointError` naming ``name`` (what the bytes are and where they came from) if they
+    are not one."""
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated file, another format, a pickle with code: one clear error
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{name} is not readable: {e.__class__.__name__}: {reason}") from None
 
 
 class Store:

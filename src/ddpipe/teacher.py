@@ -1,28 +1,38 @@
-"""The teacher ("squeeze" stage): training, the checkpoint format and the class-map check.
+"""The teacher ("squeeze"): training, the checkpoint format, the class-map check, and the ``teacher`` stage.
 
 A checkpoint is a ``torch.save``'d dict that carries everything needed to use the teacher safely: the
 model spec, the weights, the class map (ordered class names), the input format (size, channels,
 normalisation), the dataset fingerprint and the top-1 accuracy measured on the test split.
 :func:`load_teacher` refuses a checkpoint whose class map differs from the data's: with a shifted class
 order every label the teacher gives is wrong and distillation silently collapses.
+
+The ``teacher`` stage has a shard per backbone (the primary ``teacher.model``, then ``teacher.ensemble``) and
+writes ``teacher/teacher.pt`` + ``teacher/metrics.json`` (``teacher/memberK.pt`` + ``.json`` for the others).
+A trained teacher is shared by every run in the store (``<store>/shared/teachers/<key>/``, :func:`teacher_key`).
 """
 
 from __future__ import annotations
 
-import io
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable
 
+import fsspec
 import numpy as np
 import torch
 from torch import nn
 
+from ddpipe import progress
 from ddpipe.augment import generator, seed_for
-from ddpipe.config import ModelSpec, RunConfig
+from ddpipe.config import InputFormat, RunConfig, RuntimeConfig, TeacherConfig
 from ddpipe.data import DataSource
-from ddpipe.errors import CheckpointError, ClassMapMismatchError
-from ddpipe.models import build_model, init_model
+from ddpipe.dataset import dataset_classes
+from ddpipe.errors import CheckpointError, ClassMapMismatchError, TeacherError
+from ddpipe.manifests import StageManifest
+from ddpipe.models import ModelSpec, build_model, init_model
+from ddpipe.pipeline import Context, Shard, Stage, shared_key, shared_outputs
+from ddpipe.store import FileRecord, torch_bytes, torch_object
 from ddpipe.train import accuracy, fit_classifier, to_device
 
 CHECKPOINT_FORMAT = "ddpipe-teacher/1"
@@ -40,50 +50,44 @@ class Teacher:
     val_accuracy: float
 
 
-def train_teacher(cfg: RunConfig, source: DataSource, device: torch.device,
-                  progress: Callable[[int, int], None] | None = None, member: int = 0) -> nn.Module:
-    """Train teacher ``member`` (0: ``teacher.model``, k: ``teacher.ensemble[k-1]``) on the whole training split
-    with the configured recipe."""
-    t = cfg.teacher
+def train_teacher(t: TeacherConfig, spec: ModelSpec, fmt: InputFormat, source: DataSource, seed: int,
+                  device: torch.device, runtime: RuntimeConfig, progress: Callable[[int, int], None] | None = None,
+                  member: int = 0) -> nn.Module:
+    """Train backbone ``spec`` as teacher ``member`` (0: ``teacher.model``, k: ``teacher.ensemble[k-1]``; it names
+    the random streams) on the whole training split with the recipe ``t``."""
     split = source.train
-    spec = cfg.teacher_models[member]
     stream = ("teacher",) if member == 0 else ("teacher", f"member{member}")
-    model = init_model(spec, cfg.channels, source.num_classes, cfg.image_size, seed_for(cfg.seed, *stream, "init"))
-    model = to_device(model, device, cfg.runtime)
-    mean, std = cfg.normalization
+    model = init_model(spec, fmt.channels, source.num_classes, fmt.size, seed_for(seed, *stream, "init"))
+    model = to_device(model, device, runtime)
     total = max(1, round(t.epochs * math.ceil(len(split) / t.batch_size)))
     return fit_classifier(
         model, split, np.arange(len(split)), batch_size=t.batch_size, optim=t.optim, augment=t.augment,
-        label_smoothing=t.label_smoothing, total_steps=total, gen=generator(cfg.seed, *stream, "data"), mean=mean,
-        std=std, device=device, runtime=cfg.runtime, on_step=(lambda step: progress(step, total)) if progress else None,
+        label_smoothing=t.label_smoothing, total_steps=total, gen=generator(seed, *stream, "data"), mean=fmt.mean,
+        std=fmt.std, device=device, runtime=runtime, on_step=(lambda step: progress(step, total)) if progress else None,
     )
 
 
-def checkpoint_bytes(model: nn.Module, cfg: RunConfig, source: DataSource, spec: ModelSpec, val_accuracy: float) -> bytes:
-    mean, std = cfg.normalization
+def checkpoint_bytes(model: nn.Module, fmt: InputFormat, source: DataSource, spec: ModelSpec,
+                     val_accuracy: float) -> bytes:
+    mean, std = fmt.mean, fmt.std
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": CHECKPOINT_FORMAT,
         "model": spec.model_dump(mode="json"),
         "state_dict": state,
         "classes": list(source.classes),
-        "image_size": cfg.image_size,
-        "channels": cfg.channels,
+        "image_size": fmt.size,
+        "channels": fmt.channels,
         "mean": list(mean),
         "std": list(std),
         "dataset_fingerprint": source.fingerprint,
         "val_accuracy": float(val_accuracy),
     }
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    return buf.getvalue()
+    return torch_bytes(payload)
 
 
 def read_checkpoint(data: bytes, name: str) -> dict:
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"teacher checkpoint {name} is not readable: {e.__class__.__name__}") from None
+    payload = torch_object(data, f"teacher checkpoint {name}")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"teacher checkpoint {name} is not a ddpipe teacher checkpoint ({CHECKPOINT_FORMAT})")
     return payload
@@ -105,14 +109,16 @@ def check_class_map(checkpoint_classes: list[str], data_classes: list[str], name
     )
 
 
-def load_teacher(data: bytes, name: str, data_classes: list[str], cfg: RunConfig, device: torch.device) -> Teacher:
-    """Load a checkpoint, check its class map and input format against the data, and return the teacher."""
+def load_teacher(data: bytes, name: str, data_classes: list[str], fmt: InputFormat, device: torch.device,
+                 runtime: RuntimeConfig) -> Teacher:
+    """Load a checkpoint, check its class map and input format against the data's (``fmt``), and return the
+    teacher (eval mode, frozen, on ``device``)."""
     payload = read_checkpoint(data, name)
     check_class_map(payload["classes"], data_classes, name)
-    if payload["channels"] != cfg.channels or payload["image_size"] != cfg.image_size:
+    if payload["channels"] != fmt.channels or payload["image_size"] != fmt.size:
         raise CheckpointError(
             f"teacher checkpoint {name} expects {payload['channels']}x{payload['image_size']}px inputs, the config gives "
-            f"{cfg.channels}x{cfg.image_size}px"
+            f"{fmt.channels}x{fmt.size}px"
         )
     spec = ModelSpec.model_validate(payload["model"])
     model = build_model(spec, payload["channels"], len(payload["classes"]), payload["image_size"])
@@ -120,7 +126,7 @@ def load_teacher(data: bytes, name: str, data_classes: list[str], cfg: RunConfig
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"teacher checkpoint {name} does not match its model spec: {str(e).splitlines()[0]}") from None
-    model = to_device(model, device, cfg.runtime).eval()
+    model = to_device(model, device, runtime).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return Teacher(model, spec, list(payload["classes"]), payload["image_size"], payload["channels"],
@@ -151,7 +157,112 @@ class Ensemble(nn.Module):
         return ensemble_logits(torch.stack([m(x).float() for m in self.models]), self.logit_norm)
 
 
-def measure(model: nn.Module, cfg: RunConfig, source: DataSource, device) -> float:
-    mean, std = cfg.normalization
-    return accuracy(model, source.test, mean, std, device, cfg.runtime, cfg.evaluation.test_batch_size)
+def measure(model: nn.Module, fmt: InputFormat, source: DataSource, device, runtime: RuntimeConfig,
+            batch_size: int) -> float:
+    """Top-1 of ``model`` on the test split."""
+    return accuracy(model, source.test, fmt.mean, fmt.std, device, runtime, batch_size)
 
+
+
+# ---------------------------------------------------------------- the teacher stage
+
+
+def teacher_files(k: int) -> tuple[str, str]:
+    """(checkpoint, metrics) paths of teacher ``k`` (0: the primary teacher) in the run folder."""
+    return ("teacher/teacher.pt", "teacher/metrics.json") if k == 0 else (f"teacher/member{k}.pt", f"teacher/member{k}.json")
+
+
+def teacher_of(ctx: Context, manifests: dict[str, StageManifest], k: int = 0) -> Teacher:
+    """Teacher ``k`` of the run (0: the primary), loaded once per process and checked against the data's class map."""
+    sha = manifests["teacher"].sha256
+    path = teacher_files(k)[0]
+
+    def load():
+        classes = dataset_classes(ctx.store, manifests["dataset"])
+        return load_teacher(ctx.store.read_bytes(path), ctx.store.url(path), classes, ctx.cfg.input_format, ctx.device,
+                            ctx.cfg.runtime)
+
+    return ctx.cached(f"teacher:{sha}:{k}", load)
+
+
+def teachers_of(ctx: Context, manifests: dict[str, StageManifest]) -> list[Teacher]:
+    """Every teacher of the run: the primary, then ``teacher.ensemble``."""
+    return [teacher_of(ctx, manifests, k) for k in range(len(ctx.cfg.teacher_models))]
+
+
+def label_model(ctx: Context, manifests: dict[str, StageManifest]) -> nn.Module:
+    """The network that gives soft labels and online-KD targets: the primary teacher, or with
+    ``labels.ensemble`` every teacher combined (:class:`Ensemble`)."""
+    if not ctx.cfg.labels.ensemble:
+        return teacher_of(ctx, manifests).model
+    return Ensemble([t.model for t in teachers_of(ctx, manifests)], ctx.cfg.labels.logit_norm)
+
+
+def read_external(uri: str, storage_options: dict) -> bytes:
+    try:
+        with fsspec.open(uri, "rb", **(storage_options if "://" in uri else {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"teacher checkpoint not found: {uri} (teacher.checkpoint)") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read teacher checkpoint {uri}: {e}") from None
+
+
+def check_teacher_checkpoint(cfg: RunConfig, classes: list[str]) -> None:
+    """Fail early if ``teacher.checkpoint`` is missing, unreadable or for another class map."""
+    if cfg.teacher.checkpoint:
+        payload = read_checkpoint(read_external(cfg.teacher.checkpoint, cfg.store.storage_options), cfg.teacher.checkpoint)
+        check_class_map(payload["classes"], classes, cfg.teacher.checkpoint)
+
+
+def teacher_key(cfg: RunConfig, source: DataSource, k: int) -> str:
+    """What a trained teacher depends on: data, recipe, backbone, seed, and the training code."""
+    recipe = json.loads(cfg.section_json("teacher"))["teacher"]
+    for field in ("ensemble", "checkpoint", "min_val_accuracy", "model"):
+        recipe.pop(field)
+    payload = {
+        "data": source.fingerprint, "dataset": json.loads(cfg.section_json("dataset")), "recipe": recipe,
+        "model": cfg.teacher_models[k].model_dump(mode="json"), "member": k, "seed": cfg.seed,
+    }
+    return shared_key(payload, code=run_teacher)
+
+
+def run_teacher(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Teacher ``shard.teacher``: loaded from ``teacher.checkpoint`` (primary only) or trained, shared across runs."""
+    cfg, src, store = ctx.cfg, ctx.source, ctx.store
+    k, fmt = shard.teacher, cfg.input_format
+    spec = cfg.teacher_models[k]
+    classes = dataset_classes(store, inputs["dataset"])
+    test_batch = cfg.evaluation.test_batch_size
+    if k == 0 and cfg.teacher.checkpoint:
+        data = read_external(cfg.teacher.checkpoint, cfg.store.storage_options)
+        teacher = load_teacher(data, cfg.teacher.checkpoint, classes, fmt, ctx.device, cfg.runtime)
+        acc, origin = measure(teacher.model, fmt, src, ctx.device, cfg.runtime, test_batch), cfg.teacher.checkpoint
+    else:
+        def train() -> dict[str, bytes]:
+            model = train_teacher(cfg.teacher, spec, fmt, src, cfg.seed, ctx.device, cfg.runtime,
+                                  progress.stepper("teacher", shard.id, every=10), k)
+            acc = measure(model, fmt, src, ctx.device, cfg.runtime, test_batch)
+            return {"teacher.pt": checkpoint_bytes(model, fmt, src, spec, acc)}
+
+        data = shared_outputs(cfg, "teachers", teacher_key(cfg, src, k), train)["teacher.pt"]
+        acc, origin = float(read_checkpoint(data, "teacher.pt")["val_accuracy"]), "trained"
+    if acc < cfg.teacher.min_val_accuracy:
+        raise TeacherError(
+            f"teacher {spec.name} test accuracy {acc:.4f} is below teacher.min_val_accuracy={cfg.teacher.min_val_accuracy}"
+        )
+    metrics = {"val_accuracy": round(acc, 6), "origin": origin, "test_images": len(src.test), "model": spec.name}
+    ckpt, metrics_path = teacher_files(k)
+    return [
+        store.write_bytes(ckpt, data),
+        store.write_bytes(metrics_path, json.dumps(metrics, indent=1, sort_keys=True).encode()),
+    ]
+
+
+def _teacher_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    return [Shard(id="teacher" if k == 0 else f"member{k}-{spec.name}", teacher=k)
+            for k, spec in enumerate(ctx.cfg.teacher_models)]
+
+
+TEACHER = Stage("teacher", ("dataset",), ("dataset", "teacher"), _teacher_shards, run_teacher,
+                doc="train (or load) and measure each teacher (shared across runs in the store's shared/teachers)")

@@ -9,20 +9,31 @@ in the reference code, or upsampled to it (``method.patch_view``). Each image ke
 
 Stage 2, :func:`stitch_class`: distilled image j of a class holds, in grid cell k (row-major), the
 selected patch of rank ``k * ipc + j``, cropped from its source image straight to the cell size.
+
+The functions read the ``method`` section, the run's ``factor`` (patches per side) and its input format. The
+stages: ``scoring`` (``scoring/class=CCCCC.parquet``, :data:`SCORES_SCHEMA`, per class group) and ``synthesis``
+(the stitched images and their per-region provenance, :mod:`ddpipe.imageset`). CA2D runs :func:`run_scoring` on
+the candidate pool its selection chooses (:mod:`ddpipe.methods.selection`).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from ddpipe.augment import crop_resize, quantize, sample_boxes
-from ddpipe.config import RunConfig
+from ddpipe import progress
+from ddpipe.augment import crop_resize, generator, quantize, sample_boxes
+from ddpipe.config import InputFormat, MethodConfig, RuntimeConfig
 from ddpipe.data import Split, normalize
 from ddpipe.errors import DataError
-from ddpipe.teacher import Teacher
+from ddpipe.imageset import cell_boxes, write_class
+from ddpipe.pipeline import Context, Shard, Stage, class_groups
+from ddpipe.store import FileRecord
+from ddpipe.teacher import Teacher, teacher_of
 from ddpipe.train import autocast, batch_to
 
 SCORES_SCHEMA = pa.schema(
@@ -44,15 +55,6 @@ SCORES_SCHEMA = pa.schema(
 )
 
 
-def cell_boxes(size: int, factor: int) -> list[tuple[int, int, int, int]]:
-    """Grid cells ``(top, left, h, w)`` of a ``size`` square image, row-major."""
-    edges = [round(i * size / factor) for i in range(factor + 1)]
-    return [
-        (edges[r], edges[c], edges[r + 1] - edges[r], edges[c + 1] - edges[c])
-        for r in range(factor) for c in range(factor)
-    ]
-
-
 def cut(split: Split, source_indices, boxes: torch.Tensor, size) -> torch.Tensor:
     """uint8 crops of ``boxes`` (one per source image index, repeated indices allowed), resized to ``size``."""
     unique, inverse = np.unique(np.asarray(source_indices), return_inverse=True)
@@ -67,14 +69,13 @@ def cut_images(images: list[torch.Tensor], image_index: torch.Tensor, boxes: tor
     return torch.cat(out)
 
 
-def scoring_inputs(patches: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+def scoring_inputs(patches: torch.Tensor, patch_view: str, fmt: InputFormat) -> torch.Tensor:
     """Normalised teacher inputs for uint8 patches smaller than the input: zero-padded and centred
     (``method.patch_view: pad``, the reference code) or upsampled (``resize``) to the input size."""
-    mean, std = cfg.normalization
-    size = cfg.image_size
+    mean, std, size = fmt.mean, fmt.std, fmt.size
     if patches.shape[-1] == size:
         return normalize(patches, mean, std)
-    if cfg.method.patch_view == "resize":
+    if patch_view == "resize":
         return normalize(F.interpolate(patches.float(), size=(size, size), mode="bilinear", align_corners=False) / 255.0,
                          mean, std)
     x = normalize(patches, mean, std)
@@ -83,28 +84,29 @@ def scoring_inputs(patches: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def crop_losses(teacher: Teacher, inputs: torch.Tensor, target: int, cfg: RunConfig, device) -> torch.Tensor:
+def crop_losses(teacher: Teacher, inputs: torch.Tensor, target: int, batch_size: int, device,
+                runtime: RuntimeConfig) -> torch.Tensor:
     """Teacher cross-entropy of each input against class ``target`` (float32, CPU)."""
     out = []
-    bs = cfg.method.batch_size
+    bs = batch_size
     for s in range(0, len(inputs), bs):
-        x = batch_to(inputs[s : s + bs], device, cfg.runtime)
-        with autocast(device, cfg.runtime):
+        x = batch_to(inputs[s : s + bs], device, runtime)
+        with autocast(device, runtime):
             logits = teacher.model(x).float()
         y = torch.full((len(x),), target, device=logits.device)
         out.append(F.cross_entropy(logits, y, reduction="none").cpu())
     return torch.cat(out)
 
 
-def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator, candidates: np.ndarray | None = None):
+def draw_candidates(split: Split, c: int, m: MethodConfig, factor: int, gen: torch.Generator,
+                    candidates: np.ndarray | None = None):
     """The random pre-selection T'_c of class ``c`` (or the given ``candidates``, CA2D's pool) and K crop boxes
     per candidate.
 
     Returns (candidate split indices [n], their uint8 images, int64 boxes [n * K, 4] grouped by candidate).
     """
-    m = cfg.method
     pool = split.class_indices(c)
-    need = cfg.patches_per_class
+    need = factor**2 * m.ipc
     if len(pool) < need:
         raise DataError(
             f"class {c} has {len(pool)} training images, fewer than factor^2 x ipc = {need} (method.ipc={m.ipc})"
@@ -125,14 +127,15 @@ def draw_candidates(split: Split, c: int, cfg: RunConfig, gen: torch.Generator, 
     return candidates, images, boxes
 
 
-def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: torch.Generator, device,
-                candidates: np.ndarray | None = None) -> pa.Table:
+def score_class(teacher: Teacher, split: Split, c: int, m: MethodConfig, factor: int, fmt: InputFormat,
+                runtime: RuntimeConfig, gen: torch.Generator, device, candidates: np.ndarray | None = None) -> pa.Table:
     """RDED stage 1 for class ``c``: one row per candidate image (its best crop), ranked by realism score.
     ``candidates`` replaces the random pre-selection (CA2D)."""
-    candidates, images, boxes = draw_candidates(split, c, cfg, gen, candidates)
-    n, k = len(candidates), cfg.method.crops_per_image
-    patches = cut_images(images, torch.arange(n).repeat_interleave(k), boxes, cfg.image_size // cfg.factor)
-    losses = crop_losses(teacher, scoring_inputs(patches, cfg), c, cfg, device).view(n, k)
+    candidates, images, boxes = draw_candidates(split, c, m, factor, gen, candidates)
+    n, k = len(candidates), m.crops_per_image
+    patches = cut_images(images, torch.arange(n).repeat_interleave(k), boxes, fmt.size // factor)
+    inputs = scoring_inputs(patches, m.patch_view, fmt)
+    losses = crop_losses(teacher, inputs, c, m.batch_size, device, runtime).view(n, k)
     best_loss, best_crop = losses.min(dim=1)
     rank_order = np.lexsort((np.arange(n), best_loss.numpy()))  # ascending loss, ties by candidate position
     rank = np.empty(n, dtype=np.int32)
@@ -151,24 +154,25 @@ def score_class(teacher: Teacher, split: Split, c: int, cfg: RunConfig, gen: tor
         "loss": best_loss.numpy().astype(np.float32),
         "score": (-best_loss).numpy().astype(np.float32),
         "rank": rank,
-        "selected": rank < cfg.patches_per_class,
+        "selected": rank < factor**2 * m.ipc,
     }
     return pa.table(cols, schema=SCORES_SCHEMA).take(pa.array(rank_order))
 
 
-def selected_rows(scores: pa.Table, cfg: RunConfig) -> list[dict]:
-    """The selected rows of a class's score table, by rank; checks that there are factor^2 x ipc of them."""
+def selected_rows(scores: pa.Table, patches: int) -> list[dict]:
+    """The selected rows of a class's score table, by rank; checks that there are ``patches`` (factor^2 x ipc)."""
     rows = sorted((r for r in scores.to_pylist() if r["selected"]), key=lambda r: r["rank"])
-    if len(rows) != cfg.patches_per_class:
-        raise DataError(f"score table has {len(rows)} selected patches, expected {cfg.patches_per_class}")
+    if len(rows) != patches:
+        raise DataError(f"score table has {len(rows)} selected patches, expected {patches}")
     return rows
 
 
-def stitch_class(split: Split, rows: list[dict], cfg: RunConfig) -> tuple[torch.Tensor, list[dict]]:
+def stitch_class(split: Split, rows: list[dict], ipc: int, factor: int,
+                 fmt: InputFormat) -> tuple[torch.Tensor, list[dict]]:
     """RDED stage 2: uint8 images [ipc, C, S, S] of one class and their per-region provenance."""
-    ipc, size = cfg.method.ipc, cfg.image_size
-    cells = cell_boxes(size, cfg.factor)
-    images = torch.zeros(ipc, cfg.channels, size, size, dtype=torch.uint8)
+    size = fmt.size
+    cells = cell_boxes(size, factor)
+    images = torch.zeros(ipc, fmt.channels, size, size, dtype=torch.uint8)
     provenance = []
     for cell_index, (top, left, h, w) in enumerate(cells):
         group = rows[cell_index * ipc : (cell_index + 1) * ipc]
@@ -177,7 +181,47 @@ def stitch_class(split: Split, rows: list[dict], cfg: RunConfig) -> tuple[torch.
         images[:, :, top : top + h, left : left + w] = patches
         for j, r in enumerate(group):
             provenance.append(
-                {"ipc_index": j, "region": cell_index + 1 if cfg.factor > 1 else 0, "cell": (top, left, h, w), **r}
+                {"ipc_index": j, "region": cell_index + 1 if factor > 1 else 0, "cell": (top, left, h, w), **r}
             )
     provenance.sort(key=lambda p: (p["ipc_index"], p["region"]))
     return images, provenance
+
+
+# ---------------------------------------------------------------- stages
+
+
+def run_scoring(ctx: Context, shard: Shard, inputs,
+                candidates: Callable[[int], np.ndarray] | None = None) -> list[FileRecord]:
+    """RDED stage 1 for a class group: ``scoring/class=C.parquet`` per class. ``candidates(c)`` gives class
+    ``c``'s candidate pool instead of the random pre-selection (CA2D)."""
+    cfg = ctx.cfg
+    teacher = teacher_of(ctx, inputs)
+    files = []
+    for k, c in enumerate(shard.classes):
+        table = score_class(teacher, ctx.source.train, c, cfg.method, cfg.factor, cfg.input_format, cfg.runtime,
+                            generator(cfg.seed, "scoring", c), ctx.device,
+                            candidates=candidates(c) if candidates else None)
+        files.append(ctx.store.write_table(f"scoring/class={c:05d}.parquet", table))
+        progress.emit("step", "scoring", shard.id, k + 1, len(shard.classes))
+    return files
+
+
+def run_synthesis(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """RDED stage 2 for a class group: the stitched images and their provenance."""
+    cfg = ctx.cfg
+    files = []
+    for c in shard.classes:
+        rows = selected_rows(ctx.store.read_table(f"scoring/class={c:05d}.parquet"), cfg.patches_per_class)
+        images, provenance = stitch_class(ctx.source.train, rows, cfg.method.ipc, cfg.factor, cfg.input_format)
+        files += write_class(ctx.store, "distilled", c, images, provenance)
+    return files
+
+
+SCORING = Stage("scoring", ("dataset", "teacher"), ("dataset", "method"), class_groups, run_scoring,
+                doc="RDED stage 1: score crops, select the top factor^2 x ipc per class")
+SYNTHESIS = Stage("synthesis", ("dataset", "scoring"), ("dataset", "method"), class_groups, run_synthesis,
+                  doc="RDED stage 2: stitch the selected patches into images")
+
+
+def stages(method) -> tuple[Stage, ...]:
+    return (SCORING, SYNTHESIS)

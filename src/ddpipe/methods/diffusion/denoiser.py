@@ -1,5 +1,5 @@
-"""Generative distillation: a class-conditional UViT denoiser and its training (sampling it is
-:mod:`ddpipe.generation`).
+"""Generative distillation: a class-conditional UViT denoiser and its training (the stage that trains it is
+:mod:`ddpipe.methods.diffusion.training`, sampling it :mod:`ddpipe.methods.diffusion.generation`).
 
 The denoiser follows UViT (Bao et al. CVPR'23), the backbone of the ECCV'24 challenge winner
 (``../shared/seeds/004_*``): the image (or an autoencoder's latent) is cut into patches, and the patch
@@ -18,7 +18,6 @@ constant after warm-up), so a longer run can also start from a shorter run's fin
 from __future__ import annotations
 
 import copy
-import io
 import math
 from typing import Callable
 
@@ -204,19 +203,6 @@ def clean_estimate(out: torch.Tensor, xt: torch.Tensor, alpha_bar: torch.Tensor,
 
 
 # ---------------------------------------------------------------- training
-
-
-def state_bytes(state: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def read_state(data: bytes, name: str) -> dict:
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one clear error
-        raise CheckpointError(f"diffusion checkpoint {name} is unreadable: {str(e).splitlines()[0]}") from None
 
 
 def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes: int, seed: int,

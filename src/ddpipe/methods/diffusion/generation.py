@@ -1,22 +1,34 @@
 """Sampling a trained denoiser (DPM-Solver with classifier-free guidance), the generation plan of a class group,
-and the Frechet distance that says how real the generated images look.
+and the ``generation`` stage.
 
-Kept apart from :mod:`ddpipe.diffusion` (the denoiser and its training) so that the trained weights' cache key
-does not depend on this code: a change to how images are sampled re-samples, it does not retrain.
+Kept apart from :mod:`ddpipe.methods.diffusion.training` (the denoiser's stage) so that the trained weights'
+cache key does not depend on this code: a change to how images are sampled re-samples, it does not retrain.
+
+The ``generation`` stage samples a class group's images until ``images_per_class`` or its share of
+``time_budget_s``: ``generated/images/...png``, ``generated/provenance/class=C.parquet`` (the image-set format,
+:mod:`ddpipe.imageset`), ``generation/<shard>.json`` (images and seconds). Without a time budget the images
+depend only on the denoiser, the sampling fields, the classes, the seed and the runtime, so they are shared
+across runs in ``<store>/shared/generated/<key>/`` (:func:`generation_key`; runs that differ in selection,
+labels or evaluation sample once, and ``generation/<shard>.json`` keeps the first run's timing).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
+from ddpipe import progress
 from ddpipe.augment import generator
 from ddpipe.config import DiffusionConfig, RuntimeConfig
-from ddpipe.diffusion import Space
+from ddpipe.imageset import image_path, png_bytes, provenance_table, synthetic_row
+from ddpipe.methods.diffusion.denoiser import Space
+from ddpipe.methods.diffusion.training import denoiser_of, diffusion_key, diffusion_space
+from ddpipe.pipeline import Context, Shard, Stage, class_groups, shared_key, shared_outputs
+from ddpipe.store import FileRecord
 from ddpipe.train import autocast
 
 # ---------------------------------------------------------------- sampling
@@ -105,19 +117,57 @@ def generation_plan(cfg: DiffusionConfig, classes: tuple[int, ...], num_classes:
             return
 
 
-# ---------------------------------------------------------------- quality
+# ---------------------------------------------------------------- the generation stage
+
+SAMPLING_FIELDS = ("sampler_steps", "guidance", "guidance_interval", "images_per_class", "sample_batch_size",
+                   "time_budget_s")
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [n, d] (FID's formula on any features):
-    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2), in float64 via symmetric eigendecompositions."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"frechet_distance needs two [n>=2, d] feature sets of the same d (got {a.shape}, {b.shape})")
-    mu = a.mean(0) - b.mean(0)
-    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(sa)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.linalg.eigvalsh(root_a @ sb @ root_a)
-    value = mu @ mu + np.trace(sa) + np.trace(sb) - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
-    return float(max(value, 0.0))
+def generation_key(ctx: Context, shard: Shard) -> str:
+    """What a class group's generated images depend on: the denoiser, the sampling fields, the classes, seed,
+    runtime and code."""
+    cfg = ctx.cfg
+    payload = {"denoiser": diffusion_key(ctx), "classes": list(shard.classes),
+               "sampling": cfg.method.diffusion.model_dump(mode="json", include=set(SAMPLING_FIELDS)),
+               "num_classes": ctx.source.num_classes, "seed": cfg.seed, "device": str(ctx.device),
+               "runtime": json.loads(cfg.section_json("runtime"))}
+    return shared_key(payload, code=run_generation)
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    return (image * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def run_generation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Sample a class group's images until ``images_per_class`` or its share of ``time_budget_s``."""
+    cfg, dc = ctx.cfg, ctx.cfg.method.diffusion
+
+    def sample_group() -> dict[str, bytes]:
+        model, space = denoiser_of(ctx, inputs), diffusion_space(ctx)
+        made, out = {c: 0 for c in shard.classes}, {}
+        t0 = time.perf_counter()
+        for c, start, count in generation_plan(dc, shard.classes, ctx.source.num_classes):
+            images = generate_class(model, dc, space, c, start, count, cfg.seed, ctx.device, cfg.runtime)
+            for j, img in enumerate(images):
+                out[image_path("generated", c, start + j)] = png_bytes(to_uint8(img))
+            made[c] = start + count
+            progress.emit("step", "generation", shard.id, sum(made.values()), dc.images_per_class * len(made))
+        seconds = time.perf_counter() - t0
+        info = {"images": {str(c): n for c, n in made.items()}, "seconds": round(seconds, 3),
+                "images_per_second": round(sum(made.values()) / max(seconds, 1e-9), 3), "device": str(ctx.device)}
+        return {**out, f"generation/{shard.id}.json": json.dumps(info, indent=1).encode()}
+
+    if dc.time_budget_s is None:
+        out = shared_outputs(cfg, "generated", generation_key(ctx, shard), sample_group)
+    else:  # how many images fit the budget depends on the machine and its load: always sample
+        out = sample_group()
+    files = [ctx.store.write_bytes(name, data) for name, data in sorted(out.items())]
+    made = json.loads(out[f"generation/{shard.id}.json"])["images"]
+    for c, n in made.items():
+        table = provenance_table("generated", [synthetic_row(int(c), j, cfg.image_size) for j in range(n)])
+        files.append(ctx.store.write_table(f"generated/provenance/class={int(c):05d}.parquet", table))
+    return files
+
+
+GENERATION = Stage("generation", ("dataset", "diffusion"), ("dataset", "method"), class_groups, run_generation,
+                   doc="sample images per class with DPM-Solver until the count or the time budget")

@@ -16,11 +16,15 @@ count, the mean and the sum of squared deviations (float64). :func:`merge` joins
 pairwise formula, so the merged variance is the pooled variance of all images (not a mean of batch
 variances, as the G-VBSM reference code computes it) and equals a single pass over all images up to float
 rounding.
+
+The stages: ``moments`` (methods whose :class:`~ddpipe.methods.Recovery` variant matches conv statistics: a
+shard per teacher x image range, ``statistics/moments/<shard>.pt``, shared across runs in
+``<store>/shared/moments/``) and ``statistics`` (a shard per matched teacher, ``statistics/teacherK.pt``:
+the moments merged, plus the BN running statistics).
 """
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Callable
 
@@ -29,7 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpipe import progress
+from ddpipe.config import RunConfig
 from ddpipe.data import Split, normalize
+from ddpipe.errors import CheckpointError
+from ddpipe.manifests import stage_files
+from ddpipe.methods import METHODS
+from ddpipe.pipeline import Context, Shard, Stage, grown, shared_key, shared_outputs
+from ddpipe.store import FileRecord, torch_bytes, torch_object
+from ddpipe.teacher import teacher_files, teacher_of
 from ddpipe.train import batch_to
 
 STATISTICS_FORMAT = "ddpipe-statistics/1"
@@ -224,11 +236,11 @@ def merge(parts: list[dict[str, dict[str, Moments]]]) -> dict[str, dict[str, Mom
 def moments_bytes(moments: dict[str, dict[str, Moments]]) -> bytes:
     """A shard's partial moments, serialised (float64)."""
     state = {layer: {kind: m.state() for kind, m in kinds.items()} for layer, kinds in moments.items()}
-    return statistics_bytes({"format": STATISTICS_FORMAT + "+moments", "moments": state})
+    return torch_bytes({"format": STATISTICS_FORMAT + "+moments", "moments": state})
 
 
-def read_moments(data: bytes) -> dict[str, dict[str, Moments]]:
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def read_moments(data: bytes, name: str = "moments file") -> dict[str, dict[str, Moments]]:
+    payload = torch_object(data, name)
     return {layer: {kind: Moments.from_state(s) for kind, s in kinds.items()} for layer, kinds in payload["moments"].items()}
 
 
@@ -249,13 +261,80 @@ def global_statistics(model: nn.Module, moments: dict[str, dict[str, Moments]], 
 
 
 def statistics_bytes(stats: dict) -> bytes:
-    buf = io.BytesIO()
-    torch.save(stats, buf)
-    return buf.getvalue()
+    return torch_bytes(stats)
 
 
-def read_statistics(data: bytes) -> dict:
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if payload.get("format") != STATISTICS_FORMAT:
-        raise ValueError(f"not a {STATISTICS_FORMAT} file")
+def read_statistics(data: bytes, name: str = "statistics file") -> dict:
+    payload = torch_object(data, name)
+    if not isinstance(payload, dict) or payload.get("format") != STATISTICS_FORMAT:
+        raise CheckpointError(f"{name} is not a {STATISTICS_FORMAT} file")
     return payload
+
+
+# ---------------------------------------------------------------- stages
+
+
+def statistic_teachers(cfg: RunConfig) -> range:
+    """The teachers a recovery method matches: every one with ``Recovery.all_teachers``, else the primary."""
+    return range(len(cfg.teacher_models) if METHODS[cfg.method.name].variant.all_teachers else 1)
+
+
+def _moment_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    n = len(ctx.source.train)
+    step = grown(ctx.cfg.statistics.images_per_shard, n, ctx.cfg.orchestration.max_shards_per_stage)
+    return [
+        Shard(id=f"teacher{k}-images-{a:09d}-{min(a + step, n) - 1:09d}", teacher=k, images=(a, min(a + step, n)))
+        for k in statistic_teachers(ctx.cfg) for a in range(0, n, step)
+    ]
+
+
+def _teacher_sha(ctx: Context, inputs, k: int) -> str:
+    path = teacher_files(k)[0]
+    return next(f.sha256 for f in stage_files(ctx.store, inputs["teacher"]) if f.path == path)
+
+
+def run_moments(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Moments at every conv input of teacher ``shard.teacher`` over a range of training images."""
+    cfg = ctx.cfg
+    st = cfg.statistics
+    teacher = teacher_of(ctx, inputs, shard.teacher)
+    a, b = shard.images
+    key = shared_key({
+        "teacher": _teacher_sha(ctx, inputs, shard.teacher), "data": ctx.source.train.fingerprint, "images": [a, b],
+        "patch_size": st.patch_size, "batch_size": st.batch_size,
+    }, code=run_moments)
+
+    def compute() -> dict[str, bytes]:
+        mean, std = cfg.normalization
+        moments = collect(teacher.model, ctx.source.train, np.arange(a, b), st.patch_size, st.batch_size, mean, std,
+                          ctx.device, cfg.runtime, progress.stepper("moments", shard.id, every=st.batch_size))
+        return {"moments.pt": moments_bytes(moments)}
+
+    data = shared_outputs(cfg, "moments", key, compute)["moments.pt"]
+    return [ctx.store.write_bytes(f"statistics/moments/{shard.id}.pt", data)]
+
+
+def _statistic_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    return [Shard(id=f"teacher{k}", teacher=k) for k in statistic_teachers(ctx.cfg)]
+
+
+def run_statistics(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Teacher ``shard.teacher``'s global statistics: its BN running statistics, and the conv-input statistics
+    merged exactly from the moments shards when the method matches them."""
+    k = shard.teacher
+    teacher = teacher_of(ctx, inputs, k)
+    moments = {}
+    if METHODS[ctx.cfg.method.name].variant.conv_statistics:
+        parts = [s for s in _moment_shards(ctx, 0) if s.teacher == k]
+        moments = merge([read_moments(ctx.store.read_bytes(path), ctx.store.url(path))
+                         for path in (f"statistics/moments/{s.id}.pt" for s in parts)])
+    stats = global_statistics(teacher.model, moments, ctx.cfg.statistics.patch_size)
+    return [ctx.store.write_bytes(f"statistics/teacher{k}.pt", statistics_bytes(stats))]
+
+
+BN_STATISTICS = Stage("statistics", ("dataset", "teacher"), ("dataset", "method", "statistics"), _statistic_shards,
+                      run_statistics, doc="the teacher's BatchNorm running statistics")
+MOMENTS = Stage("moments", ("dataset", "teacher"), ("dataset", "statistics"), _moment_shards, run_moments,
+                doc="one no-grad pass per teacher over the training images: moments at every conv input")
+STATISTICS = Stage("statistics", ("dataset", "teacher", "moments"), ("dataset", "method", "statistics"),
+                   _statistic_shards, run_statistics, doc="merge the moments exactly; add BN running statistics")

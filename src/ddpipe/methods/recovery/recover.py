@@ -13,22 +13,43 @@ batch is augmented (random-resized crop, flip, cyclic jitter; gradients flow bac
   Eq. 6 (the value compared is ema + s - stopgrad(s)), + ``dd_weight`` * the data densification loss
   (:func:`dd_loss`); the backbone changes every step, round robin over the teachers.
 
+Which of these a method does is its :class:`~ddpipe.methods.Recovery` variant (registry data), not its name.
 Every random draw comes from the generator passed in, so a batch is reproducible from its seed. On CUDA,
 ``runtime.amp`` runs the teachers' forward passes under bfloat16 autocast (the matched statistics, the
 cross-entropy and the pixels stay float32) and ``runtime.channels_last`` feeds them channels-last batches.
+
+The stages: ``recovery`` (a shard per block of classes x ipc range: ``distilled/images/...png``,
+``recovery/<shard>.parquet`` with the images' provenance and ``recovery/<shard>.json`` with the losses at the
+first and last step) and ``synthesis`` (the provenance joined per class, ``distilled/provenance/...``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpipe.augment import crop_resize, quantize, random_boxes
-from ddpipe.config import CurriculumConfig, RunConfig
-from ddpipe.statistics import bn_layers, channel_moments, conv_layers, patch_moments
+from ddpipe import progress
+from ddpipe.augment import crop_resize, generator, quantize, random_boxes
+from ddpipe.config import CurriculumConfig, InputFormat, RecoveryConfig, RuntimeConfig
+from ddpipe.imageset import image_path, png_bytes, provenance_table, synthetic_row
+from ddpipe.methods import METHODS, Recovery
+from ddpipe.methods.recovery.statistics import (
+    bn_layers,
+    channel_moments,
+    conv_layers,
+    patch_moments,
+    read_statistics,
+    statistic_teachers,
+)
+from ddpipe.pipeline import Context, Shard, Stage, class_groups, grown
+from ddpipe.store import FileRecord
+from ddpipe.teacher import teacher_of
 from ddpipe.train import autocast
 
 
@@ -147,22 +168,21 @@ def augment_batch(x: torch.Tensor, scale: tuple[float, float], per_sample: bool,
     return x
 
 
-def recover(cfg: RunConfig, teachers: list[tuple[nn.Module, dict]], classes: torch.Tensor, init: torch.Tensor,
-            device, gen: torch.Generator, progress=None) -> tuple[torch.Tensor, dict]:
+def recover(rc: RecoveryConfig, variant: Recovery, teachers: list[tuple[nn.Module, dict]], classes: torch.Tensor,
+            init: torch.Tensor, mean, std, device, runtime: RuntimeConfig, gen: torch.Generator,
+            progress=None) -> tuple[torch.Tensor, dict]:
     """Optimise ``init`` (normalised noise [B, C, H, W]) into images of ``classes``; returns (uint8 images, info).
 
-    ``teachers`` pairs each model (eval mode, frozen) with its statistics (:mod:`ddpipe.statistics`); sre2l and
-    cda use the first only.
+    ``teachers`` pairs each model (eval mode, frozen) with its statistics
+    (:mod:`ddpipe.methods.recovery.statistics`); without ``variant.all_teachers`` only the first is matched.
     """
-    rc, method = cfg.method.recovery, cfg.method.name
-    gvbsm = method == "gvbsm"
-    models = teachers if gvbsm else teachers[:1]
+    conv = variant.conv_statistics
+    models = teachers if variant.all_teachers else teachers[:1]
     matchers = [
-        StatisticMatcher(m, stats, device, rc.first_multiplier, conv=gvbsm, ema_alpha=rc.ema_alpha if gvbsm else None,
-                         drop_rate=rc.drop_rate if gvbsm else 0.0, patch=int(stats.get("patch_size", 1)), gen=gen)
+        StatisticMatcher(m, stats, device, rc.first_multiplier, conv=conv, ema_alpha=rc.ema_alpha if conv else None,
+                         drop_rate=rc.drop_rate if conv else 0.0, patch=int(stats.get("patch_size", 1)), gen=gen)
         for m, stats in models
     ]
-    mean, std = cfg.normalization
     lo = torch.tensor([(0 - m) / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
     hi = torch.tensor([(1 - m) / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
     x = init.to(device).clone().requires_grad_(True)
@@ -175,19 +195,19 @@ def recover(cfg: RunConfig, teachers: list[tuple[nn.Module, dict]], classes: tor
                 group["lr"] = 0.5 * (1 + math.cos(math.pi * step / rc.iterations)) * rc.lr
             k = step % len(models)
             model, matcher = models[k][0], matchers[k]
-            if method == "cda":
+            if variant.curriculum:
                 cur = rc.curriculum
                 scale = (crop_lower_bound(cur, step, rc.iterations), cur.beta_u)
             else:
                 scale = rc.crop_scale
             xa = augment_batch(x, scale, rc.crop == "sample", rc.flip, rc.jitter, gen)
-            with autocast(device, cfg.runtime):
-                logits = model(xa.contiguous(memory_format=torch.channels_last) if cfg.runtime.channels_last else xa)
+            with autocast(device, runtime):
+                logits = model(xa.contiguous(memory_format=torch.channels_last) if runtime.channels_last else xa)
             ce = F.cross_entropy(logits.float(), y)
             match = matcher.take().to(device)
             loss = ce + rc.r_bn * match
             dd = torch.zeros((), device=device)
-            if gvbsm and rc.dd_weight > 0:
+            if conv and rc.dd_weight > 0:
                 dd = dd_loss(xa, y, rc.dd_tau, rc.dd_pool)
                 loss = loss + rc.dd_weight * dd
             opt.zero_grad(set_to_none=True)
@@ -208,3 +228,100 @@ def recover(cfg: RunConfig, teachers: list[tuple[nn.Module, dict]], classes: tor
     s_ = torch.tensor(std, device=device).view(1, -1, 1, 1)
     pixels = quantize((x.detach() * s_ + m_) * 255.0).cpu()
     return pixels, info
+
+
+# ---------------------------------------------------------------- stages
+
+
+def _range_id(c0: int, c1: int, j0: int, j1: int) -> str:
+    """Name of classes [c0, c1) x ipc indices [j0, j1): a recovery shard's id, and a unit's random-stream id."""
+    return f"classes-{c0:05d}-{c1 - 1:05d}-ipc-{j0:05d}-{j1 - 1:05d}"
+
+
+def recovery_units(rc: RecoveryConfig, classes: tuple[int, ...],
+                   ipc: tuple[int, int]) -> list[tuple[str, tuple[int, ...]]]:
+    """The recovery units (``classes_per_batch`` classes x one ``ipc_per_shard`` range) among ``classes`` (which
+    start at a multiple of classes_per_batch): (unit id, its classes). A unit's random draws depend on its id
+    only, so grouping units into shards never changes the images."""
+    size, (j0, j1) = rc.classes_per_batch, ipc
+    return [(_range_id(c0, min(c0 + size, classes[-1] + 1), j0, j1), tuple(c for c in classes if c0 <= c < c0 + size))
+            for c0 in range(classes[0], classes[-1] + 1, size)]
+
+
+def _recovery_shards(ctx: Context, num_classes: int) -> list[Shard]:
+    """One shard per recovery unit; with more units than ``orchestration.max_shards_per_stage``, consecutive
+    class batches of one ipc range are grouped into a shard."""
+    cfg = ctx.cfg
+    rc, ipc = cfg.method.recovery, cfg.method.ipc
+    ranges = [(j0, min(j0 + rc.ipc_per_shard, ipc)) for j0 in range(0, ipc, rc.ipc_per_shard)]
+    batches = -(-num_classes // rc.classes_per_batch)
+    per_shard = grown(1, batches * len(ranges), cfg.orchestration.max_shards_per_stage)
+    step = rc.classes_per_batch * per_shard
+    out = []
+    for j0, j1 in ranges:
+        for c0 in range(0, num_classes, step):
+            c1 = min(c0 + step, num_classes)
+            out.append(Shard(id=_range_id(c0, c1, j0, j1), classes=tuple(range(c0, c1)), ipc=(j0, j1)))
+    return out
+
+
+def recovery_batches(variant: Recovery, classes: tuple[int, ...], ipc: tuple[int, int]) -> list[list[tuple[int, int]]]:
+    """The (class, ipc index) pairs of one recovery unit optimised together: one batch of distinct classes per
+    ipc index, or with ``variant.class_major`` one class-major batch of the whole unit."""
+    j0, j1 = ipc
+    if variant.class_major:
+        return [[(c, j) for c in classes for j in range(j0, j1)]]
+    return [[(c, j) for c in classes] for j in range(j0, j1)]
+
+
+def run_recovery(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """Recover the shard's images from noise; each image's starting noise depends only on (seed, class, ipc index)."""
+    cfg, store = ctx.cfg, ctx.store
+    variant: Recovery = METHODS[cfg.method.name].variant
+    fmt: InputFormat = cfg.input_format
+    pairs = []
+    for k in statistic_teachers(cfg):
+        stats = ctx.cached(f"statistics:{inputs['statistics'].sha256}:{k}",
+                           lambda k=k: read_statistics(store.read_bytes(f"statistics/teacher{k}.pt")))
+        pairs.append((teacher_of(ctx, inputs, k).model, stats))
+    files, rows, losses = [], [], []
+    batches = []
+    for unit, classes in recovery_units(cfg.method.recovery, shard.classes, shard.ipc):
+        gen = generator(cfg.seed, "recovery", unit)  # one stream per unit, whichever shard holds it
+        batches += [(gen, batch) for batch in recovery_batches(variant, classes, shard.ipc)]
+    for b, (gen, batch) in enumerate(batches):
+        init = torch.stack([torch.randn(fmt.channels, fmt.size, fmt.size, generator=generator(cfg.seed, "recovery-init", c, j))
+                            for c, j in batch])
+        classes = torch.tensor([c for c, _ in batch], dtype=torch.int64)
+        step = progress.stepper("recovery", shard.id, every=20)
+        images, info = recover(cfg.method.recovery, variant, pairs, classes, init, fmt.mean, fmt.std, ctx.device,
+                               cfg.runtime, gen, lambda done, total: step(b * total + done, len(batches) * total))
+        for (c, j), img in zip(batch, images):
+            files.append(store.write_bytes(image_path("distilled", c, j), png_bytes(img)))
+            rows.append(synthetic_row(c, j, fmt.size))
+        losses.append({"classes": sorted({c for c, _ in batch}), "ipc": sorted({j for _, j in batch}),
+                       **{f"{name}_first": v[0] for name, v in info.items()},
+                       **{f"{name}_last": v[-1] for name, v in info.items()}})
+    files.append(store.write_table(f"recovery/{shard.id}.parquet", provenance_table("distilled", rows)))
+    files.append(store.write_bytes(f"recovery/{shard.id}.json", json.dumps(losses, indent=1, sort_keys=True).encode()))
+    return files
+
+
+def run_assembly(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """The distilled set's per-class provenance, joined from the recovery shards."""
+    parts = ctx.cached(
+        f"recovery-rows:{inputs['recovery'].sha256}",
+        lambda: pa.concat_tables([ctx.store.read_table(f"recovery/{s.id}.parquet")
+                                  for s in _recovery_shards(ctx, len(ctx.source.classes))]),
+    )
+    files = []
+    for c in shard.classes:
+        rows = parts.filter(pc.equal(parts["class_index"], c)).sort_by("ipc_index")
+        files.append(ctx.store.write_table(f"distilled/provenance/class={c:05d}.parquet", rows))
+    return files
+
+
+RECOVERY = Stage("recovery", ("dataset", "teacher", "statistics"), ("dataset", "method", "statistics"),
+                 _recovery_shards, run_recovery, doc="recover images from noise against the teachers' statistics")
+ASSEMBLY = Stage("synthesis", ("dataset", "recovery"), ("dataset", "method"), class_groups, run_assembly,
+                 doc="join the recovered images' provenance per class")

@@ -1,0 +1,71 @@
+"""The ``dataset`` stage: the run's class list, image counts and data fingerprint.
+
+It writes ``dataset/classes.parquet`` (:data:`CLASSES_SCHEMA`) and ``dataset/dataset.json`` (kind, fingerprints,
+counts, image size, channels). Its key includes the data's fingerprint, and its manifest enters every later
+stage's key. The sources themselves are :mod:`ddpipe.data`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from ddpipe.data import DataSource
+from ddpipe.errors import DataError
+from ddpipe.manifests import StageManifest, stage_files
+from ddpipe.pipeline import Context, Shard, Stage, single_shard
+from ddpipe.store import FileRecord, Store
+
+CLASSES_SCHEMA = pa.schema(
+    [
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("train_images", pa.int64(), nullable=False),
+        pa.field("test_images", pa.int64(), nullable=False),
+    ]
+)
+
+
+def check_class_sizes(ipc: int, patches_per_class: int, factor: int, src: DataSource) -> None:
+    """Every class must have ``patches_per_class`` training images (factor^2 x ipc); the test split must not be
+    empty."""
+    for c, n in enumerate(src.train.class_counts()):
+        if n < patches_per_class:
+            raise DataError(
+                f"method.ipc={ipc} needs {patches_per_class} training images per class (factor^2 x ipc with factor "
+                f"{factor}), but class '{src.classes[c]}' has {n}"
+            )
+    if len(src.test) == 0:
+        raise DataError("the test split has no images")
+
+
+def dataset_classes(store: Store, dataset: StageManifest) -> list[str]:
+    """The class names, in class-index order, from the dataset stage's outputs."""
+    path = next(f.path for f in stage_files(store, dataset) if f.path.endswith("classes.parquet"))
+    return store.read_table(path).column("class_name").to_pylist()
+
+
+def run_dataset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    cfg, src = ctx.cfg, ctx.source
+    check_class_sizes(cfg.method.ipc, cfg.patches_per_class, cfg.factor, src)
+    train, test = src.train.class_counts(), src.test.class_counts()
+    table = pa.table(
+        {"class_index": list(range(src.num_classes)), "class_name": src.classes, "train_images": train.tolist(),
+         "test_images": test.tolist()},
+        schema=CLASSES_SCHEMA,
+    )
+    info = {
+        "kind": src.kind, "fingerprint": src.fingerprint, "train_fingerprint": src.train.fingerprint,
+        "test_fingerprint": src.test.fingerprint, "num_classes": src.num_classes, "image_size": cfg.image_size,
+        "channels": cfg.channels, "train_images": len(src.train), "test_images": len(src.test),
+    }
+    return [
+        ctx.store.write_table("dataset/classes.parquet", table),
+        ctx.store.write_bytes("dataset/dataset.json", json.dumps(info, indent=1, sort_keys=True).encode()),
+    ]
+
+
+DATASET = Stage("dataset", (), ("dataset", "method"), single_shard("dataset"), run_dataset,
+                fingerprint=lambda ctx: ctx.source.fingerprint,
+                doc="list classes, count images, fingerprint the data")

@@ -1,0 +1,47 @@
+"""The registries are the only lists of names: the config accepts exactly their keys, and every entry works."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from ddpipe.config import MethodConfig, build_config
+from ddpipe.errors import ConfigError
+from ddpipe.methods import METHODS, Recovery, Selection
+from ddpipe.models import MODELS, ModelSpec  # every model builds: tests/test_models.py
+from ddpipe.pipeline import Stage
+
+
+def test_the_config_accepts_exactly_the_registered_methods_and_models():
+    assert typing.get_args(MethodConfig.model_fields["name"].annotation) == tuple(METHODS)
+    assert typing.get_args(ModelSpec.model_fields["name"].annotation) == tuple(MODELS)
+    for bad in ("method.name=rdedx", "teacher.model.name=resnet19"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            build_config({"name": "x"}, [bad])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_makes_its_stages_and_ends_with_synthesis(name):
+    method = METHODS[name]
+    stages = method.stages()
+    assert stages and all(isinstance(s, Stage) for s in stages)
+    assert stages[-1].name == "synthesis"
+    names = [s.name for s in stages]
+    assert len(set(names)) == len(names)
+    for i, stage in enumerate(stages):  # every input is made before the stage runs
+        assert set(stage.inputs) <= {"dataset", "teacher", *names[:i]}, (name, stage.name)
+    traits = build_config({"name": "x", "method": {"name": name}, "teacher": {"model": {"norm": "batch"}}}).method
+    assert (traits.recovers, traits.stitches) == (method.recovers, method.stitches)
+
+
+def test_methods_of_one_family_differ_in_data_only():
+    families: dict[str, list] = {}
+    for name, m in METHODS.items():
+        families.setdefault(m.family, []).append(m)
+    for family, members in families.items():
+        kinds = {type(m.variant) for m in members}
+        assert len(kinds) == 1, family  # one variant record per family
+        if len(members) > 1:
+            assert len({m.variant for m in members}) == len(members), family  # distinct variants, not names
+    assert {type(m.variant) for m in METHODS.values()} == {type(None), Recovery, Selection}
