@@ -6,13 +6,16 @@ VENV   ?= .venv
 CONFIG ?= configs/fashion-mnist-rded-ipc10.yaml
 BIN    := $(VENV)/bin
 
-.PHONY: run test install data browser clean
+.PHONY: run test test-fast install data browser clean
 
 run: install data
 	$(BIN)/ddpipe run $(CONFIG)
 
 test: install data browser
 	$(BIN)/python -m pytest -q
+
+test-fast: install  # the edit loop: no end-to-end tests; tests that need Fashion-MNIST are skipped without it
+	$(BIN)/python -m pytest -q -m "not slow"
 
 install: $(VENV)/.installed
 

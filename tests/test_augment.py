@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -58,6 +59,7 @@ def real_batch(n=8):
     return normalize(source.train.batch(torch.arange(n) * 97), mean, std)
 
 
+@pytest.mark.fmnist
 def test_dsa_crop_translates_with_zero_fill_and_cutout_zeroes_one_half_side_square():
     from ddpipe.augment import dsa
 
@@ -74,6 +76,7 @@ def test_dsa_crop_translates_with_zero_fill_and_cutout_zeroes_one_half_side_squa
         assert changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].float().mean() > 0.5
 
 
+@pytest.mark.fmnist
 def test_dsa_is_seeded_and_each_op_changes_the_batch():
     from ddpipe.augment import DSA_OPS, dsa
 
@@ -90,6 +93,7 @@ def test_dsa_is_seeded_and_each_op_changes_the_batch():
     assert all(v > 0 for v in chosen.values())
 
 
+@pytest.mark.fmnist
 def test_mixup_blends_the_batch_with_its_partners():
     x = real_batch()
     aug = Augmenter(AugmentConfig(mixup=1.0, mixup_alpha=0.8), generator(4))

@@ -2,10 +2,13 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
-from test_data import write_image_folder
 
 from conftest import SMOKE, run_cli
+from test_data import write_image_folder
+
+pytestmark = pytest.mark.slow  # end to end: each bad input through the CLI
 
 
 def assert_one_line_error(proc, *fragments):
@@ -33,6 +36,7 @@ def test_missing_dataset_names_the_install_hint(tmp_path):
     assert_one_line_error(proc, "Fashion-MNIST IDX files not found", "apt-get install dataset-fashion-mnist")
 
 
+@pytest.mark.fmnist
 def test_ipc_larger_than_a_class_has_images(tmp_path):
     proc = run(tmp_path, "--set", "method.ipc=120", "--set", "method.candidates_per_class=300")
     assert_one_line_error(proc, "method.ipc=120", "class 'T-shirt/top' has 100")
@@ -59,6 +63,7 @@ def folder_config(tmp_path: Path, root: Path, **teacher) -> Path:
     return path
 
 
+@pytest.mark.fmnist
 def test_corrupt_image_is_named_and_nothing_is_marked_complete(tmp_path):
     root = write_image_folder(tmp_path / "data")
     bad = root / "train" / "n00000001" / "img002.png"
@@ -71,6 +76,7 @@ def test_corrupt_image_is_named_and_nothing_is_marked_complete(tmp_path):
     assert not (folder / "report.json").exists()
 
 
+@pytest.mark.fmnist
 def test_teacher_checkpoint_for_another_class_map(tmp_path, trained_teacher, session_dir):
     # A real Fashion-MNIST teacher, offered for an image folder whose classes are WordNet ids.
     root = write_image_folder(tmp_path / "data")
@@ -80,6 +86,7 @@ def test_teacher_checkpoint_for_another_class_map(tmp_path, trained_teacher, ses
     assert not list((tmp_path / "runs").rglob("teacher.pt"))
 
 
+@pytest.mark.fmnist
 def test_missing_teacher_checkpoint(tmp_path):
     proc = run(tmp_path, "--set", f"teacher.checkpoint={tmp_path / 'missing.pt'}", engine="plain")
     assert_one_line_error(proc, "teacher checkpoint not found", "missing.pt")

@@ -105,6 +105,7 @@ def changed(before: dict, after: dict) -> set[str]:
             if after[group][name] != key}
 
 
+@pytest.mark.fmnist
 def test_a_module_a_stage_imports_only_indirectly_changes_its_key(keys_after):
     before, after = keys_after
     # augment.py reaches the diffusion stage only through denoiser.py: its key and the denoiser's change.
@@ -115,6 +116,7 @@ def test_a_module_a_stage_imports_only_indirectly_changes_its_key(keys_after):
         "gvbsm/moments", "gvbsm/statistics", "gvbsm/recovery", "gvbsm/synthesis"}
 
 
+@pytest.mark.fmnist
 def test_a_module_no_stage_imports_leaves_its_key(keys_after):
     before, after = keys_after
     # Sampling code: the generation stage and the generated pool only; the denoiser is not retrained.
@@ -126,6 +128,7 @@ def test_a_module_no_stage_imports_leaves_its_key(keys_after):
     assert changed(before, after["new module"]) == set()
 
 
+@pytest.mark.fmnist
 def test_a_new_module_counts_once_a_stage_imports_it(keys_after):
     _, after = keys_after
     assert changed(after["imported"], after["edited"]) == {"rded/scoring", "rded/synthesis"}

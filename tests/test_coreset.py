@@ -28,6 +28,7 @@ def test_k_center_greedy_maximises_the_minimum_distance():
     assert min_gap(chosen) == pytest.approx(best)
 
 
+@pytest.mark.fmnist
 def test_selections_on_real_images(trained_teacher):
     """On one Fashion-MNIST class: herding's 10 images have a mean closer to the class mean than random
     picks; k-center's spread (minimum pairwise distance) is wider than random picks'."""

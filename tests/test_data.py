@@ -14,6 +14,7 @@ def fm_config(**dataset):
     return build_config({"name": "t", "dataset": {"kind": "fashion-mnist", **dataset}})
 
 
+@pytest.mark.fmnist
 def test_fashion_mnist_from_debian_path():
     src = open_source(fm_config())
     assert src.classes == list(FASHION_MNIST_CLASSES)
@@ -25,6 +26,7 @@ def test_fashion_mnist_from_debian_path():
     assert img.dtype == torch.uint8 and img.shape == (1, 28, 28) and img.max() > 0
 
 
+@pytest.mark.fmnist
 def test_fashion_mnist_from_torchvision_root(tmp_path):
     raw = tmp_path / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
@@ -37,6 +39,7 @@ def test_fashion_mnist_from_torchvision_root(tmp_path):
     assert torch.equal(a.train.batch(range(50)), b.train.batch(range(50)))
 
 
+@pytest.mark.fmnist
 def test_slices_keep_the_first_images_of_each_class_and_change_the_fingerprint():
     full = open_source(fm_config())
     small = open_source(fm_config(train_per_class=7, test_per_class=3))
@@ -53,6 +56,7 @@ def test_missing_fashion_mnist_names_the_install_hint(tmp_path):
     assert "apt-get install dataset-fashion-mnist" in str(e.value) and "dataset.root" in str(e.value)
 
 
+@pytest.mark.fmnist
 def test_truncated_idx_file_is_named(tmp_path):
     src = find_fashion_mnist(None)
     for f in src.iterdir():
@@ -83,6 +87,7 @@ def folder_config(root, **extra):
                                                     "channels": 1, **extra}})
 
 
+@pytest.mark.fmnist
 def test_image_folder_lists_classes_and_loads_images(tmp_path):
     root = write_image_folder(tmp_path / "data")
     src = open_source(folder_config(root))
@@ -95,6 +100,7 @@ def test_image_folder_lists_classes_and_loads_images(tmp_path):
     assert batch.shape == (3, 1, 28, 28) and batch.dtype == torch.uint8
 
 
+@pytest.mark.fmnist
 def test_image_folder_fingerprint_follows_content(tmp_path):
     root = write_image_folder(tmp_path / "data")
     fp = open_source(folder_config(root)).fingerprint
@@ -102,6 +108,7 @@ def test_image_folder_fingerprint_follows_content(tmp_path):
     assert open_source(folder_config(root)).fingerprint != fp
 
 
+@pytest.mark.fmnist
 def test_corrupt_image_file_is_named(tmp_path):
     root = write_image_folder(tmp_path / "data")
     bad = root / "train" / "n00000002" / "img003.png"
@@ -113,6 +120,7 @@ def test_corrupt_image_file_is_named(tmp_path):
     assert str(bad) in str(e.value)
 
 
+@pytest.mark.fmnist
 def test_image_folder_missing_split_is_a_clear_error(tmp_path):
     root = write_image_folder(tmp_path / "data")
     shutil.rmtree(root / "val")

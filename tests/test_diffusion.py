@@ -44,6 +44,7 @@ def _space(cfg: DiffusionConfig) -> Space:
     return Space(cfg, 28, 1, CPU)
 
 
+@pytest.mark.fmnist
 def test_training_loss_falls(split):
     cfg = DiffusionConfig(**{**TINY, "dim": 64, "patch_size": 4, "steps": 150, "lr": 1e-3, "checkpoint_every": 1000})
     state = train_denoiser(cfg, split, _space(cfg), 10, seed=0, device=CPU, runtime=RT)
@@ -52,6 +53,7 @@ def test_training_loss_falls(split):
     assert last < 0.8 * first, f"mean loss of the first 50 steps {first:.3f}, of the last 50 {last:.3f}"
 
 
+@pytest.mark.fmnist
 def test_ema_weights_denoise_about_as_well_as_the_trained_weights(split):
     cfg = DiffusionConfig(**{**TINY, "dim": 64, "patch_size": 4, "steps": 150, "lr": 1e-3, "checkpoint_every": 1000})
     space = _space(cfg)
@@ -71,6 +73,7 @@ def test_ema_weights_denoise_about_as_well_as_the_trained_weights(split):
     assert ema_decay(0.999, 0) == 0.1 and ema_decay(0.999, 90) == 0.91 and ema_decay(0.999, 10**6) == 0.999
 
 
+@pytest.mark.fmnist
 def test_killed_training_resumes_from_last_checkpoint(split):
     cfg = DiffusionConfig(**{**TINY, "steps": 7})
     whole = train_denoiser(cfg, split, _space(cfg), 10, seed=3, device=CPU, runtime=RT)
@@ -172,6 +175,7 @@ class _Oracle(torch.nn.Module):
         return noised(self.x0, eps, a, self.prediction)[1]
 
 
+@pytest.mark.fmnist
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 def test_sampler_follows_the_training_parameterisation(split, prediction):
     """The sampler reads the model's output as the training target (same prediction type, same timesteps and
@@ -233,6 +237,7 @@ def test_generation_plan_count_and_budget():
     assert plan == [(0, 0, 2), (1, 0, 2)]  # one round, then the clock says the budget is spent
 
 
+@pytest.mark.fmnist
 def test_frechet_distance(split):
     feats = split.batch(np.arange(400)).float().flatten(1)[:, ::16].numpy() / 255
     assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-8)

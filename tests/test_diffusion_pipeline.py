@@ -22,6 +22,8 @@ from ddpipe.runner import run_pipeline
 
 from conftest import CONFIGS, ROOT
 
+pytestmark = [pytest.mark.slow, pytest.mark.fmnist]  # end to end: the diffusion pipeline
+
 FAST = ["evaluation.epochs=5", "evaluation.seeds=[0]", "evaluation.regimes=[hard]"]
 
 

@@ -28,6 +28,7 @@ def setup(trained_teacher, tmp_path_factory):
     return cfg, source, teacher, data
 
 
+@pytest.mark.fmnist
 @pytest.mark.parametrize("regime", ["hard", "soft", "soft_kd"])
 def test_students_learn_under_every_regime(setup, regime):
     cfg, source, teacher, data = setup
@@ -36,6 +37,7 @@ def test_students_learn_under_every_regime(setup, regime):
     assert result["steps"] == 30 and result["images"] == 50  # ipc 2: batch 50, one step per epoch
 
 
+@pytest.mark.fmnist
 def test_student_training_is_deterministic_per_seed(setup):
     cfg, source, teacher, data = setup
     a = evaluate(cfg, "soft_kd", data, source, 1, CPU, teacher.model)
@@ -44,6 +46,7 @@ def test_student_training_is_deterministic_per_seed(setup):
     assert a == b and a["top1"] != c["top1"]
 
 
+@pytest.mark.fmnist
 def test_a_step_budget_replaces_the_epochs(setup, tmp_path):
     _, source, teacher, data = setup
     cfg = smoke_config(tmp_path, "evaluation.epochs=30", "evaluation.steps=7", "evaluation.batch_size=20")
@@ -52,6 +55,7 @@ def test_a_step_budget_replaces_the_epochs(setup, tmp_path):
     assert seen[-1] == (7, 7) and len(seen) == 7  # 2.5 epochs of 3 batches of 20 (the last of 10 images)
 
 
+@pytest.mark.fmnist
 def test_regimes_need_their_labels(setup):
     cfg, source, teacher, data = setup
     bare = ImageSet(images=data.images, classes=data.classes)
@@ -67,6 +71,7 @@ def test_summarize():
     assert summarize([0.4])["std"] == 0.0
 
 
+@pytest.mark.fmnist
 def test_stitched_images_train_on_their_regions(trained_teacher, tmp_path):
     from ddpipe.augment import generator
     from ddpipe.evaluate import sample_regions

@@ -13,6 +13,8 @@ from ddpipe.runner import run_pipeline
 
 from conftest import smoke_config
 
+pytestmark = [pytest.mark.slow, pytest.mark.fmnist]  # end to end: the flows under a Prefect server, dask and ray
+
 FAST = ("evaluation.epochs=5", "evaluation.seeds=[0]")
 
 

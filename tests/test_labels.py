@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +9,8 @@ from ddpipe.labels import expand, labels_table, region_views, soft_labels
 from ddpipe.store import table_bytes
 
 from conftest import smoke_config
+
+pytestmark = pytest.mark.fmnist
 
 CPU = torch.device("cpu")
 

@@ -36,6 +36,8 @@ def test_cells_are_runs_with_the_method_and_ipc(tmp_path):
     assert len(cell_configs(spec, CONFIGS / "matrix")) == len(spec.methods) * len(spec.ipc)
 
 
+@pytest.mark.fmnist
+@pytest.mark.slow
 def test_a_crashed_matrix_resumes_without_redoing_finished_cells(tmp_path):
     spec, root, overrides = matrix(tmp_path)
     done = []

@@ -13,6 +13,8 @@ from ddpipe.stages import stages_for
 
 from conftest import smoke_config
 
+pytestmark = [pytest.mark.slow, pytest.mark.fmnist]  # end to end: whole runs of the smoke preset
+
 FAST = ("evaluation.epochs=5", "evaluation.seeds=[0]")
 VOLATILE = {"report.json", "run.json", "config.yaml"}  # times, a random token, the store URI
 

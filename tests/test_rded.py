@@ -27,6 +27,7 @@ def score(teacher, split, c, cfg, gen):
     return score_class(teacher, split, c, cfg.method, cfg.factor, cfg.input_format, cfg.runtime, gen, CPU)
 
 
+@pytest.mark.fmnist
 def test_scoring_keeps_each_candidates_lowest_ce_crop_and_ranks_by_it(trained_teacher):
     cfg, source, teacher = trained_teacher
     c, k = 3, cfg.method.crops_per_image
@@ -53,6 +54,7 @@ def test_scoring_keeps_each_candidates_lowest_ce_crop_and_ranks_by_it(trained_te
     assert [r["selected"] for r in table] == [True] * need + [False] * (len(table) - need)
 
 
+@pytest.mark.fmnist
 def test_scoring_is_deterministic(trained_teacher):
     cfg, source, teacher = trained_teacher
     a = score(teacher, source.train, 5, cfg, generator(1))
@@ -60,6 +62,7 @@ def test_scoring_is_deterministic(trained_teacher):
     assert a.equals(b)
 
 
+@pytest.mark.fmnist
 @pytest.mark.parametrize("factor", [1, 2])
 def test_stitched_regions_equal_the_selected_crops(trained_teacher, tmp_path, factor):
     _, source, teacher = trained_teacher
@@ -84,6 +87,7 @@ def test_stitched_regions_equal_the_selected_crops(trained_teacher, tmp_path, fa
         assert torch.equal(images[0], cut(source.train, [first["source_index"]], box, 28)[0])
 
 
+@pytest.mark.fmnist
 def test_scoring_pads_small_patches_to_the_input_size(trained_teacher, tmp_path):
     cfg = smoke_config(tmp_path, "method.factor=2")
     patch = torch.full((1, 1, 14, 14), 255, dtype=torch.uint8)
@@ -92,6 +96,7 @@ def test_scoring_pads_small_patches_to_the_input_size(trained_teacher, tmp_path)
     assert torch.all(x[0, 0, :7] == 0) and torch.all(x[0, 0, 7:21, 7:21] > 0)  # zero = the mean colour
 
 
+@pytest.mark.fmnist
 def test_too_few_images_for_the_ipc_is_refused(trained_teacher, tmp_path):
     _, source, teacher = trained_teacher
     cfg = smoke_config(tmp_path, "method.ipc=101", "method.candidates_per_class=300")

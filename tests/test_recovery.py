@@ -42,6 +42,7 @@ def test_recovery_methods_refuse_a_teacher_without_batch_norm():
         build_config({"name": "x", "method": {"name": "sre2l"}, "teacher": {"model": {"norm": "instance"}}})
 
 
+@pytest.mark.fmnist
 def test_dd_loss_is_larger_for_a_rank_deficient_class_batch(trained_teacher):
     _, source, _ = trained_teacher
     images = source.train.batch(source.train.class_indices(3)[:8]).float() / 255.0
@@ -79,6 +80,7 @@ def _stats(teacher, source, cfg):
     return global_statistics(teacher.model, moments, 4)
 
 
+@pytest.mark.fmnist
 @pytest.mark.parametrize("method", ["sre2l", "gvbsm"])
 def test_matching_losses_fall_during_recovery(trained_teacher, tmp_path, method):
     cfg0, source, teacher = trained_teacher
@@ -97,6 +99,7 @@ def test_matching_losses_fall_during_recovery(trained_teacher, tmp_path, method)
     assert np.mean(info["ce"][-5:]) < np.mean(info["ce"][:5])
 
 
+@pytest.mark.fmnist
 def test_recovery_is_reproducible_from_its_seed(trained_teacher, tmp_path):
     _, source, teacher = trained_teacher
     cfg = smoke_config(tmp_path, "method.name=cda", "method.recovery.iterations=15")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from ddpipe.config import load_config
 from ddpipe.methods.recovery.statistics import read_statistics
@@ -16,6 +17,8 @@ from ddpipe.pipeline import run_store
 from ddpipe.runner import run_pipeline
 
 from conftest import CONFIGS, ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.fmnist]  # end to end: the recovery pipelines
 
 FAST = ["evaluation.epochs=5", "evaluation.seeds=[0]"]
 

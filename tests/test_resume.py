@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from ddpipe.pipeline import run_store
 from ddpipe.runner import run_pipeline
 
 from conftest import ROOT, SMOKE, smoke_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.fmnist]  # end to end: a CLI run killed and resumed
 
 SETTINGS = ["evaluation.epochs=60", "evaluation.seeds=[0, 1]"]  # 12 evaluation shards of ~1 s each
 VOLATILE = {"report.json", "run.json", "config.yaml"}

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import SMOKE, run_cli
 
+pytestmark = pytest.mark.slow  # end to end: runs on moto's S3 server
+
 BUCKET = "ddpipe-test"
 FAST = ["--set", "evaluation.epochs=5", "--set", "evaluation.seeds=[0]"]
 
@@ -38,6 +40,7 @@ def bucket_fs(endpoint):
                              skip_instance_cache=True)
 
 
+@pytest.mark.fmnist
 def test_smoke_run_on_s3_then_resume(s3_endpoint, tmp_path):
     endpoint, creds = s3_endpoint
     env = {**creds, "AWS_ENDPOINT_URL": endpoint, "PREFECT_HOME": str(tmp_path / "prefect")}
@@ -67,6 +70,7 @@ def test_smoke_run_on_s3_then_resume(s3_endpoint, tmp_path):
     assert json.loads(fs.cat_file(f"{root}/report.json"))["regimes"] == report["regimes"]
 
 
+@pytest.mark.fmnist
 def test_endpoint_from_the_config(s3_endpoint, tmp_path):
     endpoint, creds = s3_endpoint
     env = {**creds, "PREFECT_HOME": str(tmp_path / "prefect")}

@@ -55,6 +55,7 @@ def _image_hashes(store_root: Path) -> dict:
             for p in sorted(store_root.glob("distilled/images/*/*.png"))}
 
 
+@pytest.mark.fmnist
 @pytest.mark.slow
 def test_grouping_recovery_units_into_fewer_shards_gives_the_same_images(tmp_path):
     fast = ("method.recovery.iterations=5", "evaluation.epochs=1", "evaluation.seeds=[0]",

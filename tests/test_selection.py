@@ -31,6 +31,8 @@ def test_matched_budget_equals_the_students_samples(tmp_path):
     assert dynamics_steps(smoke_config(tmp_path, "method.selection.steps=3"), 10) == 8  # at least one per checkpoint
 
 
+@pytest.mark.fmnist
+@pytest.mark.slow
 def test_cad_keeps_the_top_scores_of_each_class_and_shares_dynamics_with_el2n(tmp_path):
     store = tmp_path / "runs"
     cfg = smoke_config(store, "method.name=cad", *FAST)
@@ -57,6 +59,8 @@ def test_cad_keeps_the_top_scores_of_each_class_and_shares_dynamics_with_el2n(tm
     assert again.equals(pq.read_table(folder / "dynamics/seed0.parquet"))
 
 
+@pytest.mark.fmnist
+@pytest.mark.slow
 def test_ca2d_scores_the_cad_pool_and_herding_follows_the_teacher_features(tmp_path):
     store = tmp_path / "runs"
     cfg = smoke_config(store, "method.name=ca2d", "method.candidates_per_class=20", *FAST)
@@ -93,6 +97,8 @@ def test_ca2d_scores_the_cad_pool_and_herding_follows_the_teacher_features(tmp_p
     assert [r["source_index"] for r in rows] == [int(pool[i]) for i in herding(feats, 2)]
 
 
+@pytest.mark.fmnist
+@pytest.mark.slow
 def test_random_baseline_students_are_trained_once_per_store(tmp_path):
     """A herding run after an RDED run in the same store, same students: the random-subset students are
     reused (only the distilled set's student trains), and give the same accuracy."""

@@ -1,6 +1,7 @@
 """Global statistics: exact merging of shards, patch grid, the statistics file."""
 
 import numpy as np
+import pytest
 import torch
 
 from ddpipe.methods.recovery.statistics import (
@@ -32,6 +33,7 @@ def conv_inputs(model, split, indices, mean, std):
     return {n: torch.cat(v).double() for n, v in seen.items()}
 
 
+@pytest.mark.fmnist
 def test_merged_shards_equal_the_whole_slice_at_once(trained_teacher):
     cfg, source, teacher = trained_teacher
     mean, std = cfg.normalization
@@ -56,6 +58,7 @@ def test_merged_shards_equal_the_whole_slice_at_once(trained_teacher):
         assert not torch.allclose(sum(batches) / 600, var, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.fmnist
 def test_batch_sums_of_resized_maps_equal_those_of_the_resized_batch(trained_teacher):
     """Maps that are not multiples of the patch: the closed form (small maps) and the resize (large ones)
     both give the sums of the explicitly resized maps; channel sums are those of the map itself."""
@@ -81,6 +84,7 @@ def test_patch_grid_rounds_sides_up_to_multiples_of_the_patch():
     assert torch.equal(patch_grid(x[:, :, :4, :4], 2).reshape(2, 3, 4, 4), x[:, :, :4, :4])
 
 
+@pytest.mark.fmnist
 def test_statistics_file_holds_conv_and_bn_statistics(trained_teacher):
     cfg, source, teacher = trained_teacher
     mean, std = cfg.normalization

@@ -7,6 +7,7 @@ from ddpipe.teacher import checkpoint_bytes, load_teacher, read_checkpoint, trai
 CPU = torch.device("cpu")
 
 
+@pytest.mark.fmnist
 def test_teacher_learns_and_its_checkpoint_carries_class_map_and_accuracy(trained_teacher, session_dir):
     cfg, source, teacher = trained_teacher
     assert teacher.val_accuracy > 0.5  # 10 classes: chance is 0.1
@@ -17,6 +18,7 @@ def test_teacher_learns_and_its_checkpoint_carries_class_map_and_accuracy(traine
     assert (payload["image_size"], payload["channels"]) == (28, 1)
 
 
+@pytest.mark.fmnist
 def test_refuses_a_teacher_for_another_class_map(trained_teacher, session_dir):
     cfg, source, _ = trained_teacher
     data = (session_dir / "teacher.pt").read_bytes()
@@ -34,6 +36,7 @@ def test_unreadable_checkpoint_is_named():
         read_checkpoint(b"not a checkpoint", "broken.pt")
 
 
+@pytest.mark.fmnist
 def test_teacher_training_is_deterministic(cfg):
     from ddpipe.config import load_config
     from ddpipe.data import open_source

@@ -15,7 +15,7 @@ from PIL import Image
 import browser
 from conftest import ROOT, smoke_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fmnist]
 
 ARTIFACTS = ROOT / "test-artifacts"  # screenshots kept after the run (git-ignored)
 FAST = ("evaluation.epochs=5", "evaluation.seeds=[0]", "evaluation.regimes=[hard,soft_kd]")
