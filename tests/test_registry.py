@@ -45,3 +45,25 @@ def test_methods_of_one_family_differ_in_data_only():
         if len(members) > 1:
             assert len({m.variant for m in members}) == len(members), family  # distinct variants, not names
     assert {type(m.variant) for m in METHODS.values()} == {type(None), Recovery, Selection}
+
+
+def test_every_selection_names_a_score_the_selection_family_has():
+    from ddpipe.methods.selection.select import DYNAMICS_SCORES, FEATURE_SCORES
+
+    scores = {"random", *DYNAMICS_SCORES, *FEATURE_SCORES}
+    for name, m in METHODS.items():
+        if isinstance(m.variant, Selection):
+            assert m.variant.score in scores, name
+            assert not m.variant.pool or m.variant.score in DYNAMICS_SCORES, name  # a pool ranked by dynamics
+
+
+def test_shared_stages_import_no_method_module():
+    """The stages every run has reach the method registry (through the config) but no family's code."""
+    from ddpipe.codehash import INSTALLED
+    from ddpipe.stages import stages_for
+
+    shared = [s for s in stages_for(build_config({"name": "x"})) if s.name not in ("scoring", "synthesis")]
+    assert [s.name for s in shared] == ["dataset", "teacher", "random_subset", "labels", "evaluation"]
+    for stage in shared:
+        reached = INSTALLED.closure([stage.run.__module__])
+        assert [m for m in reached if m.startswith("ddpipe.methods.")] == [], stage.name
