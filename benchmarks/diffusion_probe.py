@@ -29,13 +29,7 @@ from torchvision.utils import save_image
 from ddpipe.config import load_config
 from ddpipe.data import normalize, open_source
 from ddpipe.methods.diffusion.denoiser import (
-    Space,
-    build_denoiser,
-    clean_estimate,
-    loss_log,
-    noise_scheduler,
-    noised,
-    train_denoiser,
+    Space, build_denoiser, clean_estimate, loss_log, noise_scheduler, noised, train_denoiser,
 )
 from ddpipe.methods.diffusion.generation import sample
 from ddpipe.methods.diffusion.pool import frechet_distance

@@ -22,10 +22,7 @@ import base64
 
 from prefect import flow
 from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
+    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
     update_progress_artifact,
 )
 from prefect.futures import as_completed

@@ -10,22 +10,10 @@ from ddpipe.config import DiffusionConfig, RuntimeConfig
 from ddpipe.data import open_source
 from ddpipe.errors import ConfigError
 from ddpipe.methods.diffusion.denoiser import (
-    Space,
-    UViT,
-    build_denoiser,
-    clean_estimate,
-    ema_decay,
-    noise_scheduler,
-    noised,
-    train_denoiser,
+    Space, UViT, build_denoiser, clean_estimate, ema_decay, noise_scheduler, noised, train_denoiser,
 )
 from ddpipe.methods.diffusion.generation import (
-    generate_class,
-    generation_plan,
-    noise_level,
-    sample,
-    sampler,
-    start_noise,
+    generate_class, generation_plan, noise_level, sample, sampler, start_noise,
 )
 from ddpipe.methods.diffusion.pool import frechet_distance
 

@@ -8,13 +8,7 @@ from ddpipe.data import normalize
 from ddpipe.errors import DataError
 from ddpipe.imageset import cell_boxes
 from ddpipe.methods.rded import (
-    cut,
-    cut_images,
-    draw_candidates,
-    score_class,
-    scoring_inputs,
-    selected_rows,
-    stitch_class,
+    cut, cut_images, draw_candidates, score_class, scoring_inputs, selected_rows, stitch_class,
 )
 
 from conftest import smoke_config

@@ -5,17 +5,8 @@ import pytest
 import torch
 
 from ddpipe.methods.recovery.statistics import (
-    CLOSED_FORM_MAX_PIXELS,
-    batch_sums,
-    collect,
-    conv_layers,
-    global_statistics,
-    merge,
-    moments_bytes,
-    patch_grid,
-    read_moments,
-    read_statistics,
-    statistics_bytes,
+    CLOSED_FORM_MAX_PIXELS, batch_sums, collect, conv_layers, global_statistics, merge, moments_bytes, patch_grid,
+    read_moments, read_statistics, statistics_bytes,
 )
 
 

@@ -34,16 +34,8 @@ from ddpipe.codehash import code_hash
 from ddpipe.config import RunConfig
 from ddpipe.errors import ValidationError
 from ddpipe.manifests import (
-    ShardResult,
-    StageManifest,
-    files_of,
-    parse_record,
-    plan_table,
-    record_path,
-    records_table,
-    shard_result,
-    stage_path,
-    write_stage_manifest,
+    ShardResult, StageManifest, files_of, parse_record, plan_table, record_path, records_table, shard_result,
+    stage_path, write_stage_manifest,
 )
 from ddpipe.store import FileRecord, Store, sha256_bytes
 

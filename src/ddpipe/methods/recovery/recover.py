@@ -40,12 +40,7 @@ from ddpipe.config import CurriculumConfig, InputFormat, RecoveryConfig, Runtime
 from ddpipe.imageset import image_path, png_bytes, provenance_table, synthetic_row
 from ddpipe.methods import METHODS, Recovery
 from ddpipe.methods.recovery.statistics import (
-    bn_layers,
-    channel_moments,
-    conv_layers,
-    patch_moments,
-    read_statistics,
-    statistic_teachers,
+    bn_layers, channel_moments, conv_layers, patch_moments, read_statistics, statistic_teachers,
 )
 from ddpipe.pipeline import Context, Shard, Stage, class_groups, grown
 from ddpipe.store import FileRecord
