@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 
 import ddpipe
-from ddpipe.codehash import INSTALLED, Tree, code_hash, module_of
-from ddpipe.stages import stages_for
+from ddpipe.codehash import Tree
 
-from conftest import ROOT, smoke_config
+from conftest import ROOT
 
 PACKAGE = Path(ddpipe.__file__).resolve().parent
 
@@ -155,13 +154,3 @@ def test_imports_are_read_from_the_source_including_relative_and_lazy_ones(tmp_p
     assert Tree(root).hash(["ddpipe.a"]) != before
     (root / "e.py").write_text("# not imported by a\n")
     assert Tree(root).hash(["ddpipe.a"]) == Tree(root).hash(["ddpipe.a"]) != before
-
-
-def test_every_stage_key_uses_the_modules_of_its_own_functions(tmp_path):
-    for method in ("rded", "cda", "gvbsm", "cad", "ca2d", "diffusion"):
-        cfg = smoke_config(tmp_path, f"method.name={method}")
-        for stage in stages_for(cfg):
-            functions = [f for f in (stage.run, stage.plan, stage.fingerprint) if f]
-            modules = sorted({module_of(f) for f in functions})
-            assert stage.code() == code_hash(*functions) == f"{ddpipe.__version__}+{INSTALLED.hash(modules)}"
-            assert set(INSTALLED.closure(modules)) >= set(modules)
