@@ -34,6 +34,7 @@ class Tree:
         self.root = Path(root)
         self.files = {p.relative_to(self.root).as_posix(): p.read_bytes()
                       for p in sorted(self.root.rglob("*.py")) if "__pycache__" not in p.parts}
+        self._imports: dict[str, set[str]] = {}  # module -> the modules it imports (each file parsed once)
 
     def path(self, name: str) -> str | None:
         """The file of module ``name`` (``ddpipe.methods.rded`` -> ``methods/rded.py``), or None if it has none."""
@@ -48,6 +49,11 @@ class Tree:
 
     def imports_of(self, name: str) -> set[str]:
         """The ddpipe modules that module ``name``'s source imports (anywhere in the file)."""
+        if name not in self._imports:
+            self._imports[name] = self._parse_imports(name)
+        return self._imports[name]
+
+    def _parse_imports(self, name: str) -> set[str]:
         rel = self.path(name)
         is_package = rel.endswith("__init__.py")
         found: set[str | None] = set()
@@ -86,18 +92,13 @@ class Tree:
                 todo += sorted(self.imports_of(m) - seen)
         return sorted(seen)
 
-    def hash(self, modules) -> str:
-        """Hash of the source files of ``modules``' closure (relative path and bytes of each)."""
+    def hash(self, modules=None) -> str:
+        """Hash of the source files (relative path and bytes of each) of ``modules``' closure, or of every file."""
+        rels = self.files if modules is None else [self.path(m) for m in self.closure(modules)]
         h = hashlib.sha256()
-        for m in self.closure(modules):
-            rel = self.path(m)
+        for rel in sorted(rels):
             h.update(rel.encode() + b"\0" + self.files[rel])
         return h.hexdigest()[:16]
-
-    def modules(self) -> list[str]:
-        """Every module of the tree."""
-        names = [rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for rel in self.files]
-        return sorted(f"{PACKAGE}.{n}" if n != "__init__" else PACKAGE for n in names)
 
 
 INSTALLED = Tree(Path(ddpipe.__file__).resolve().parent)
@@ -120,4 +121,4 @@ def code_hash(*functions: Callable) -> str:
     return f"{ddpipe.__version__}+{_installed_hash(modules)}"
 
 
-CODE_VERSION = f"{ddpipe.__version__}+{INSTALLED.hash(INSTALLED.modules())}"  # all of it (report.json)
+CODE_VERSION = f"{ddpipe.__version__}+{INSTALLED.hash()}"  # every file of the package (report.json)
