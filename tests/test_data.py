@@ -83,8 +83,10 @@ def write_image_folder(root, per_class=6, classes=3, size=28, rgb=False):
 
 
 def folder_config(root, **extra):
+    """An image-folder config on ``root``; its store (and so the dataset index) next to the data."""
     return build_config({"name": "f", "dataset": {"kind": "image-folder", "root": str(root), "image_size": 28,
-                                                    "channels": 1, **extra}})
+                                                    "channels": 1, **extra},
+                         "store": {"uri": str(root.parent / "store")}})
 
 
 @pytest.mark.fmnist
@@ -101,10 +103,18 @@ def test_image_folder_lists_classes_and_loads_images(tmp_path):
 
 
 @pytest.mark.fmnist
-def test_image_folder_fingerprint_follows_content(tmp_path):
+def test_image_folder_changed_after_indexing_is_named_and_a_new_index_follows_content(tmp_path):
     root = write_image_folder(tmp_path / "data")
-    fp = open_source(folder_config(root)).fingerprint
-    Image.fromarray(np.zeros((28, 40), dtype=np.uint8)).save(root / "train" / "n00000001" / "img002.png")
+    src = open_source(folder_config(root))
+    fp = src.fingerprint
+    changed = root / "train" / "n00000001" / "img002.png"
+    Image.fromarray(np.zeros((28, 40), dtype=np.uint8)).save(changed)
+    reopened = open_source(folder_config(root))  # the index is read, not the folders: same fingerprint
+    assert reopened.fingerprint == fp
+    i = [reopened.train.source_id(k) for k in range(len(reopened.train))].index("n00000001/img002.png")
+    with pytest.raises(DataError, match="img002.png changed after it was indexed"):
+        reopened.train.image(i)
+    shutil.rmtree(tmp_path / "store" / "shared" / "datasets")  # what the error says to do
     assert open_source(folder_config(root)).fingerprint != fp
 
 
@@ -114,7 +124,7 @@ def test_corrupt_image_file_is_named(tmp_path):
     bad = root / "train" / "n00000002" / "img003.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     src = open_source(folder_config(root))
-    i = src.train.files.index("n00000002/img003.png")
+    i = [src.train.source_id(k) for k in range(len(src.train))].index("n00000002/img003.png")
     with pytest.raises(DataError) as e:
         src.train.image(i)
     assert str(bad) in str(e.value)
@@ -124,5 +134,5 @@ def test_corrupt_image_file_is_named(tmp_path):
 def test_image_folder_missing_split_is_a_clear_error(tmp_path):
     root = write_image_folder(tmp_path / "data")
     shutil.rmtree(root / "val")
-    with pytest.raises(DatasetNotFoundError, match="test_split"):
+    with pytest.raises(DatasetNotFoundError, match="dataset folder .*/val not found"):
         open_source(folder_config(root))

@@ -36,14 +36,26 @@ def sample_boxes(n: int, height: int, width: int, gen: torch.Generator, scale=(0
     Each box tries ``attempts`` (area, aspect) draws and keeps the first that fits; if none fits it
     falls back to the largest centred crop within the ratio range. Returns int64 [n, 4].
     """
-    area = height * width
-    a = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=gen) * area
+    return boxes_from_draws(box_draws(n, gen, scale, ratio, attempts), height, width, ratio)
+
+
+def box_draws(n: int, gen: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+              attempts: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random part of :func:`sample_boxes` for ``n`` boxes, which needs no image size: area fractions and
+    aspect ratios [n, attempts] and positions [n, attempts, 2]. Rows can be turned into boxes apart (a loader
+    worker per image) with :func:`boxes_from_draws`, giving the same boxes as one call would."""
+    area = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=gen)
     log_r = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen)
-    r = torch.exp(log_r)
+    return area, torch.exp(log_r), torch.rand(n, attempts, 2, generator=gen)
+
+
+def boxes_from_draws(draws, height: int, width: int, ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """int64 boxes [n, 4] of ``draws`` (:func:`box_draws`, or rows of it) in a ``height`` x ``width`` image."""
+    area, r, u = draws
+    a = area * (height * width)
     w = torch.round(torch.sqrt(a * r))
     h = torch.round(torch.sqrt(a / r))
     ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    u = torch.rand(n, attempts, 2, generator=gen)
     k = ok.float().argmax(1, keepdim=True)  # first attempt that fits
     hh, ww = h.gather(1, k).squeeze(1), w.gather(1, k).squeeze(1)
     top = torch.floor(u[:, :, 0].gather(1, k).squeeze(1) * (height - hh + 1))

@@ -27,7 +27,7 @@ def run_random_subset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     files = []
     for c in shard.classes:
         picks = random_picks(cfg.seed, cfg.method.ipc, split, c)
-        files += write_real_images(ctx.store, split, cfg.image_size, "random", c, picks)
+        files += write_real_images(ctx.store, split, cfg.image_size, "random", c, picks, runtime=cfg.runtime)
     return files
 
 

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddpipe.errors import ConfigError
+from ddpipe.formats import KINDS as SOURCE_KINDS
 from ddpipe.methods import METHODS
 from ddpipe.models import ModelSpec
 
@@ -33,6 +34,7 @@ METHOD_NAMES = tuple(METHODS)  # the registry is the only list of method names (
 
 # Sections that do not change what a run computes; left out of the run hash.
 NON_RESULT_SECTIONS = ("store", "orchestration", "runtime")
+_SECRETS = {"dataset": {"storage_options"}}  # fields that never enter a hash (credentials, endpoints)
 
 
 class _Section(BaseModel):
@@ -80,16 +82,26 @@ class AugmentConfig(_Section):
 class DatasetConfig(_Section):
     """Where the real images come from."""
 
-    kind: Literal["fashion-mnist", "image-folder"] = Field(
+    kind: Literal[("fashion-mnist", *SOURCE_KINDS)] = Field(
         "fashion-mnist",
         description="fashion-mnist: the four IDX files; image-folder: <root>/<split>/<class>/*.{jpg,jpeg,png} "
-        "(the ImageNet-1K / ImageNet-21K-P layout).",
+        "(the ImageNet-1K / ImageNet-21K-P layout); webdataset: <root>/<split>/*.tar with <key>.jpg and "
+        "<key>.cls (or .json 'label') members; parquet: <root>/<split>/*.parquet with an image column and a label "
+        "column (the Hugging Face layout). webdataset/parquet class names: <root>/classes.txt, or the Parquet "
+        "files' ClassLabel metadata.",
     )
     root: str | None = Field(
         None,
-        description="Folder of the data. fashion-mnist: the IDX files (default: /usr/share/datasets/fashion-mnist, "
-        "then ./data/FashionMNIST/raw); image-folder: the folder holding the split folders.",
+        description="Where the data is. fashion-mnist: the folder of the IDX files (default: "
+        "/usr/share/datasets/fashion-mnist, then ./data/FashionMNIST/raw); otherwise the local path or fsspec URL "
+        "(s3://bucket/prefix, memory://...) holding the split folders.",
     )
+    storage_options: dict[str, Any] | None = Field(
+        None, description="fsspec options of dataset.root (endpoint, credentials); null: store.storage_options. "
+        "Never part of a hash.",
+    )
+    image_column: str = Field("image", description="parquet: the image column (binary, or struct<bytes, path>).")
+    label_column: str = Field("label", description="parquet: the integer label column.")
     train_split: str = Field("train", description="image-folder: sub-folder of the training split.")
     test_split: str = Field("val", description="image-folder: sub-folder of the held-out split used for test accuracy.")
     image_size: int | None = Field(
@@ -480,7 +492,16 @@ class RuntimeConfig(_Section):
         "compiler on CPU; falls back to eager on errors)."
     )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
-    loader_workers: int = Field(0, ge=0, description="Worker processes decoding image-folder files.")
+    loader_workers: int = Field(
+        0, ge=0, description="Worker processes decoding images for every stage that reads them (0: the stage's own "
+        "process). Fashion-MNIST is in memory and needs none."
+    )
+    prefetch: int = Field(2, ge=1, description="Batches each loader worker decodes ahead of the stage.")
+    gpu_decode: bool = Field(
+        False, description="Decode JPEGs on the CUDA device in batches (torchvision's nvJPEG); needs a cuda "
+        "device. The CPU path is the default."
+    )
+    index_threads: int = Field(8, ge=1, description="Threads listing and indexing a source's shards.")
 
 
 @dataclass(frozen=True)
@@ -512,8 +533,8 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self):
         d = self.dataset
-        if d.kind == "image-folder" and d.image_size is None:
-            raise ValueError("dataset.image_size is required for image-folder datasets")
+        if d.kind != "fashion-mnist" and d.image_size is None:
+            raise ValueError(f"dataset.image_size is required for {d.kind} datasets")
         if d.kind == "fashion-mnist" and d.image_size not in (None, 28):
             raise ValueError("dataset.image_size must be 28 for fashion-mnist")
         if d.mean is not None and d.std is not None and len(d.mean) != len(d.std):
@@ -595,7 +616,7 @@ class RunConfig(_Section):
 
     def hash(self) -> str:
         """Hash of everything that changes the results (all sections but store, orchestration, runtime)."""
-        data = self.model_dump(mode="json", exclude=set(NON_RESULT_SECTIONS))
+        data = self.model_dump(mode="json", exclude={**{s: True for s in NON_RESULT_SECTIONS}, **_SECRETS})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -604,7 +625,7 @@ class RunConfig(_Section):
 
     def section_json(self, *sections: str) -> str:
         """Canonical JSON of some sections, for cache keys."""
-        data = self.model_dump(mode="json", include=set(sections))
+        data = self.model_dump(mode="json", include=set(sections), exclude=_SECRETS)
         return json.dumps(data, sort_keys=True)
 
     def to_yaml(self) -> str:

@@ -1,28 +1,33 @@
-"""Data sources: Fashion-MNIST IDX files and image folders (ImageNet layout).
+"""Data sources: the class list and the train and test splits, and the loader every image-reading stage uses.
 
-A :class:`DataSource` gives the class list, and for each split (``train`` and
-``test``) the labels, a per-class index, the images as ``uint8`` tensors and a
-fingerprint of the content. Every image is addressed by its integer index in
-its split; :meth:`Split.source_id` names it for humans (``train/123`` or the
-file's path relative to the split folder).
+A :class:`DataSource` gives the class list, and for each split (``train`` and ``test``) the labels, a per-class
+index, the images as ``uint8`` tensors and a fingerprint of the content. Every image is addressed by its integer
+index in its split; :meth:`Split.source_id` names it for humans (``train/123``, a file's path relative to the
+split folder, ``<tar>/<member>`` or ``<parquet>#<row group>.<row>``).
+
+Fashion-MNIST is held in memory (:class:`ArraySplit`). Image folders, WebDataset tars and Parquet shards, on any
+fsspec URL, are read through their index (:mod:`ddpipe.dataindex`, :mod:`ddpipe.formats`). Images are decoded
+by :func:`loader`: in the calling process, or by ``runtime.loader_workers`` worker processes that keep
+``runtime.prefetch`` batches each in flight while the caller computes on the previous ones.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddpipe.augment import crop_resize, quantize
 from ddpipe.config import RunConfig
-from ddpipe.errors import DataError, DatasetNotFoundError
+from ddpipe.decode import decode_jpegs_cuda, is_jpeg, reduction
+from ddpipe.errors import DataError, DatasetNotFoundError, DDPipeError
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -36,7 +41,6 @@ FASHION_MNIST_HINT = (
     "install it with 'apt-get install dataset-fashion-mnist' (Debian) or set dataset.root to a folder holding the "
     "IDX files (a torchvision root with FashionMNIST/raw/ works too)"
 )
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def _sha256(data: bytes) -> str:
@@ -45,7 +49,7 @@ def _sha256(data: bytes) -> str:
 
 @dataclass
 class Split:
-    """One split of a dataset. Subclasses provide image access."""
+    """One split of a dataset. Subclasses provide :meth:`decoded` (and :meth:`read` where images are files)."""
 
     name: str
     labels: np.ndarray  # int64 [N]
@@ -74,24 +78,123 @@ class Split:
     def fingerprint(self) -> str:
         return _sha256(f"{self.base_fingerprint}:{self.name}:{self.image_size}:{self.channels}".encode())
 
-    # -- image access, implemented by subclasses --
+    # -- image access --
     def source_id(self, i: int) -> str:
+        raise NotImplementedError
+
+    def read(self, i: int) -> bytes:
+        """The stored bytes of image ``i`` (file-backed splits)."""
+        raise NotImplementedError
+
+    def decoded(self, i: int, reduce: int | Callable[[int, int], int] = 1) -> tuple[torch.Tensor, float]:
+        """Image ``i`` as uint8 [C, H, W] and its scale against the full size. ``reduce``: a JPEG DCT-scaling
+        factor, or a function of the full (height, width) that returns one (:mod:`ddpipe.decode`)."""
         raise NotImplementedError
 
     def image(self, i: int) -> torch.Tensor:
         """The image at native resolution, uint8 [C, H, W]."""
-        raise NotImplementedError
+        return self.decoded(i)[0]
+
+    def load(self, i: int) -> torch.Tensor:
+        """Image ``i`` at ``image_size`` (shorter side resized, centre crop), decoded at reduced size where the
+        shorter side stays at least ``image_size``."""
+        return self.load_sized(i)[1]
+
+    def load_sized(self, i: int) -> tuple[tuple[int, int], torch.Tensor]:
+        """(full (height, width), :meth:`load` of image ``i``)."""
+        size, seen = self.image_size, []
+
+        def reduce(h, w):
+            seen.append((h, w))
+            return reduction(torch.tensor([[0, 0, min(h, w), min(h, w)]]), size)
+
+        img, _ = self.decoded(i, reduce)
+        return seen[0], resize_center(img, size)
+
+    def crops(self, i: int, make_boxes: Callable[[int, int], torch.Tensor],
+              size: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes ``make_boxes(height, width)`` (int64 [K, 4] top, left, h, w in full-size pixels) of image ``i``
+        and the uint8 crops they cut, resized to ``size``; decoded at reduced size where every box allows it."""
+        made = []
+
+        def reduce(h, w):
+            made.append(make_boxes(h, w))
+            return reduction(made[0], size)
+
+        img, scale = self.decoded(i, reduce)
+        boxes = made[0]
+        cut = boxes if scale == 1.0 else boxes.float() * scale
+        return boxes, quantize(crop_resize(img[None].float(), cut, size, torch.zeros(len(boxes), dtype=torch.int64)))
 
     def batch(self, indices) -> torch.Tensor:
         """Images at ``image_size``, uint8 [B, C, S, S]."""
-        raise NotImplementedError
+        return torch.stack([self.load(int(i)) for i in np.asarray(indices)])
 
-    def batches(self, indices, batch_size: int, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (uint8 images, int64 labels) for ``indices`` in order."""
+    def batches(self, indices, batch_size: int, runtime=None,
+                device=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images at ``image_size``, int64 labels) for ``indices`` in order, decoded by
+        ``runtime.loader_workers`` processes that work ``runtime.prefetch`` batches ahead; on a CUDA ``device``
+        with ``runtime.gpu_decode``, JPEGs are decoded there in batches and the images are on that device."""
         indices = np.asarray(indices)
-        for s in range(0, len(indices), batch_size):
-            ix = indices[s : s + batch_size]
-            yield self.batch(ix), torch.from_numpy(self.labels[ix])
+        gpu = runtime is not None and runtime.gpu_decode and device is not None and torch.device(device).type == "cuda"
+        fn = self.read if gpu else self.load
+        for s, items in zip(range(0, len(indices), batch_size), loader(indices, fn, batch_size, runtime)):
+            labels = torch.from_numpy(self.labels[indices[s : s + batch_size]])
+            yield (self._device_batch(items, indices[s : s + batch_size], device) if gpu else torch.stack(items)), labels
+
+    def _device_batch(self, datas: list[bytes], indices, device) -> torch.Tensor:
+        jpeg = [k for k, d in enumerate(datas) if is_jpeg(d)]
+        out: list[torch.Tensor | None] = [None] * len(datas)
+        if jpeg:
+            for k, img in zip(jpeg, decode_jpegs_cuda([datas[k] for k in jpeg], device)):
+                out[k] = resize_center(img if self.channels == 3 else img.float().mean(0, keepdim=True).round().to(
+                    torch.uint8), self.image_size)
+        for k, i in enumerate(indices):
+            if out[k] is None:
+                out[k] = self.load(int(i)).to(device)
+        return torch.stack(out)
+
+
+class _Items(torch.utils.data.Dataset):
+    """``fn(item)`` per item; a ddpipe error is returned, not raised, so that the calling process can raise it
+    with its one-line message (a loader worker's exception would arrive wrapped in a traceback)."""
+
+    def __init__(self, items, fn):
+        self.items, self.fn = items, fn
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        try:
+            return self.fn(self.items[k])
+        except DDPipeError as e:
+            return _Failed(e.__class__, str(e))
+
+
+@dataclass
+class _Failed:
+    kind: type
+    message: str
+
+
+def loader(items, fn: Callable, batch_size: int, runtime=None) -> Iterator[list]:
+    """Lists of ``fn(item)`` for consecutive batches of ``items``, in order: in this process, or by
+    ``runtime.loader_workers`` worker processes keeping ``runtime.prefetch`` batches each in flight."""
+    workers = runtime.loader_workers if runtime is not None else 0
+    if workers <= 0:
+        for s in range(0, len(items), batch_size):
+            yield [fn(item) for item in items[s : s + batch_size]]
+        return
+    batches = torch.utils.data.DataLoader(
+        _Items(items, fn), batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=list,
+        prefetch_factor=runtime.prefetch,
+    )
+    for batch in batches:
+        for out in batch:
+            if isinstance(out, _Failed):
+                raise out.kind(out.message)
+        yield batch
 
 
 class ArraySplit(Split):
@@ -104,61 +207,20 @@ class ArraySplit(Split):
     def source_id(self, i: int) -> str:
         return f"{self.name}/{int(i)}"
 
-    def image(self, i: int) -> torch.Tensor:
-        return self.images[int(i)]
+    def decoded(self, i, reduce=1):
+        img = self.images[int(i)]
+        if callable(reduce):
+            reduce(*img.shape[1:])
+        return img, 1.0
 
     def batch(self, indices) -> torch.Tensor:
         return self.images[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
 
-
-class FolderSplit(Split):
-    """A split stored as ``<root>/<split>/<class>/<file>`` image files."""
-
-    def __init__(self, name, folder: Path, files: list[str], labels, num_classes, image_size, channels, fp):
-        self.folder = folder
-        self.files = files
-        super().__init__(name, labels, num_classes, image_size, channels, fp)
-
-    def source_id(self, i: int) -> str:
-        return self.files[int(i)]
-
-    def image(self, i: int) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.folder / self.files[int(i)]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB")
-                arr = np.asarray(im, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"cannot read image file {path} ({e.__class__.__name__})") from None
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-    def batch(self, indices) -> torch.Tensor:
-        return torch.stack([resize_center(self.image(i), self.image_size) for i in np.asarray(indices)])
-
-    def batches(self, indices, batch_size, workers=0):
-        if workers <= 0:
-            yield from super().batches(indices, batch_size)
-            return
-        loader = torch.utils.data.DataLoader(
-            _Indexed(self, np.asarray(indices)), batch_size=batch_size, num_workers=workers, shuffle=False
-        )
-        yield from loader
-
-
-class _Indexed(torch.utils.data.Dataset):
-    def __init__(self, split: FolderSplit, indices: np.ndarray):
-        self.split, self.indices = split, indices
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, k):
-        i = int(self.indices[k])
-        return resize_center(self.split.image(i), self.split.image_size), int(self.split.labels[i])
+    def batches(self, indices, batch_size, runtime=None, device=None):
+        indices = np.asarray(indices)
+        for s in range(0, len(indices), batch_size):
+            ix = indices[s : s + batch_size]
+            yield self.batch(ix), torch.from_numpy(self.labels[ix])
 
 
 def resize_center(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -242,7 +304,7 @@ def _fashion_mnist_arrays(folder: str) -> dict:
     return out
 
 
-def _slice_per_class(labels: np.ndarray, per_class: int | None, num_classes: int) -> np.ndarray:
+def slice_per_class(labels: np.ndarray, per_class: int | None, num_classes: int) -> np.ndarray:
     if per_class is None:
         return np.arange(len(labels))
     keep = [np.flatnonzero(labels == c)[:per_class] for c in range(num_classes)]
@@ -255,7 +317,7 @@ def _fashion_mnist(cfg: RunConfig) -> DataSource:
     splits = {}
     for split, per_class in (("train", cfg.dataset.train_per_class), ("test", cfg.dataset.test_per_class)):
         images, labels, h = arrays[split]
-        keep = _slice_per_class(labels, per_class, 10)
+        keep = slice_per_class(labels, per_class, 10)
         imgs = images[keep][:, None, :, :]
         if cfg.channels == 3:
             imgs = np.repeat(imgs, 3, axis=1)
@@ -264,67 +326,13 @@ def _fashion_mnist(cfg: RunConfig) -> DataSource:
     return DataSource("fashion-mnist", list(FASHION_MNIST_CLASSES), splits["train"], splits["test"])
 
 
-# ---------------------------------------------------------------- image folders
-
-
-def _list_folder(folder: Path) -> dict[str, list[str]]:
-    classes = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.is_dir():
-            files = sorted(
-                f.name for f in os.scandir(entry.path) if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)
-            )
-            classes[entry.name] = files
-    return classes
-
-
-def _image_folder(cfg: RunConfig) -> DataSource:
-    d = cfg.dataset
-    if not d.root:
-        raise DatasetNotFoundError("dataset.root is required for image-folder datasets")
-    root = Path(d.root)
-    train_dir, test_dir = root / d.train_split, root / d.test_split
-    for folder, field_name in ((train_dir, "train_split"), (test_dir, "test_split")):
-        if not folder.is_dir():
-            raise DatasetNotFoundError(
-                f"image folder {folder} not found (dataset.root={d.root}, dataset.{field_name}); expected "
-                f"<root>/<split>/<class>/<image files>"
-            )
-    train_listing = _list_folder(train_dir)
-    if not train_listing:
-        raise DataError(f"image folder {train_dir} has no class sub-folders")
-    classes = list(train_listing)
-    empty = [c for c, files in train_listing.items() if not files]
-    if empty:
-        raise DataError(f"class '{empty[0]}' has no images in {train_dir / empty[0]}")
-    test_listing = _list_folder(test_dir)
-    unknown = sorted(set(test_listing) - set(classes))
-    if unknown:
-        raise DataError(f"class '{unknown[0]}' is in {test_dir} but not in {train_dir}")
-    splits = {}
-    for split, folder, listing, per_class in (
-        ("train", train_dir, train_listing, d.train_per_class),
-        ("test", test_dir, test_listing, d.test_per_class),
-    ):
-        files, labels, h = [], [], hashlib.sha256()
-        for c, name in enumerate(classes):
-            for fname in listing.get(name, [])[:per_class]:
-                rel = f"{name}/{fname}"
-                files.append(rel)
-                labels.append(c)
-                h.update(f"{rel}:{(folder / rel).stat().st_size}\n".encode())
-        splits[split] = FolderSplit(
-            split, folder, files, np.asarray(labels, dtype=np.int64), len(classes), cfg.image_size, cfg.channels,
-            h.hexdigest(),
-        )
-    return DataSource("image-folder", classes, splits["train"], splits["test"])
-
-
 def open_source(cfg: RunConfig) -> DataSource:
     """Open the dataset the config names; raises DatasetNotFoundError / DataError with a one-line message."""
     if cfg.dataset.kind == "fashion-mnist":
         return _fashion_mnist(cfg)
-    return _image_folder(cfg)
+    from ddpipe.dataindex import open_indexed
+
+    return open_indexed(cfg)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from ddpipe.data import Split, resize_center
+from ddpipe.data import Split, loader
 from ddpipe.store import FileRecord, Store
 
 SETS = ("distilled", "random")  # the sets every run labels and evaluates
@@ -138,15 +138,16 @@ def write_class(store: Store, set_name: str, c: int, images: torch.Tensor, rows:
 
 
 def write_real_images(store: Store, split: Split, size: int, set_name: str, c: int, picks,
-                      scores=None) -> list[FileRecord]:
+                      scores=None, runtime=None) -> list[FileRecord]:
     """Whole training images ``picks`` (split positions) of class ``c``, centre-cropped and resized to ``size``,
     stored as class ``c`` of set ``set_name`` with their provenance (``scores``: the selection score of each)."""
+    if size != split.image_size:
+        raise ValueError(f"write_real_images: size {size} is not the split's image size {split.image_size}")
+    loaded = [out for batch in loader(list(picks), split.load_sized, 16, runtime) for out in batch]
     images, rows = [], []
-    for j, i in enumerate(picks):
-        native = split.image(int(i))
-        h, w = native.shape[1:]
+    for j, (i, ((h, w), image)) in enumerate(zip(picks, loaded)):
         side = min(h, w)
-        images.append(resize_center(native, size))
+        images.append(image)
         rows.append({"ipc_index": j, "region": 0, "cell": (0, 0, size, size), "source_index": int(i),
                      "source_id": split.source_id(int(i)), "top": (h - side) // 2, "left": (w - side) // 2,
                      "height": side, "width": side, "score": None if scores is None else float(scores[j])})

@@ -125,7 +125,7 @@ def fit_classifier(model: nn.Module, split: Split, indices: np.ndarray, *, batch
     indices = np.asarray(indices)
     while step < total_steps:
         order = indices[torch.randperm(len(indices), generator=gen).numpy()]
-        for images, labels in split.batches(order, batch_size, runtime.loader_workers):
+        for images, labels in split.batches(order, batch_size, runtime, device):
             x = batch_to(aug.views(normalize(images, mean, std)), device, runtime)
             y = labels.to(device)
             x, perm, lam = aug.mix(x)
@@ -167,7 +167,7 @@ def penultimate_features(model: nn.Module, split: Split, indices, mean, std, dev
     handle = linear[-1].register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[0].detach().float().cpu()))
     model.eval()
     try:
-        for images, _ in split.batches(np.asarray(indices), batch_size, runtime.loader_workers):
+        for images, _ in split.batches(np.asarray(indices), batch_size, runtime, device):
             with autocast(device, runtime):
                 model(batch_to(normalize(images, mean, std), device, runtime))
     finally:
@@ -180,7 +180,7 @@ def accuracy(model: nn.Module, split: Split, mean, std, device, runtime: Runtime
     """Top-1 accuracy on a whole split."""
     model.eval()
     correct = 0
-    for images, labels in split.batches(np.arange(len(split)), batch_size, runtime.loader_workers):
+    for images, labels in split.batches(np.arange(len(split)), batch_size, runtime, device):
         with autocast(device, runtime):
             logits = model(batch_to(normalize(images, mean, std), device, runtime))
         correct += int((logits.argmax(1).cpu() == labels).sum())

@@ -18,7 +18,7 @@ the candidate pool its selection chooses (:mod:`ddpipe.methods.selection`).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ddpipe import progress
-from ddpipe.augment import crop_resize, generator, quantize, sample_boxes
+from ddpipe.augment import box_draws, boxes_from_draws, generator
 from ddpipe.config import InputFormat, MethodConfig, RuntimeConfig
-from ddpipe.data import Split, normalize
+from ddpipe.data import Split, loader, normalize
 from ddpipe.errors import DataError
 from ddpipe.imageset import cell_boxes, write_class
 from ddpipe.pipeline import Context, Shard, Stage, class_groups
@@ -55,18 +55,13 @@ SCORES_SCHEMA = pa.schema(
 )
 
 
-def cut(split: Split, source_indices, boxes: torch.Tensor, size) -> torch.Tensor:
-    """uint8 crops of ``boxes`` (one per source image index, repeated indices allowed), resized to ``size``."""
-    unique, inverse = np.unique(np.asarray(source_indices), return_inverse=True)
-    return cut_images([split.image(int(i)) for i in unique], torch.as_tensor(inverse), boxes, size)
-
-
-def cut_images(images: list[torch.Tensor], image_index: torch.Tensor, boxes: torch.Tensor, size) -> torch.Tensor:
-    """uint8 crops: box k cut from ``images[image_index[k]]`` (uint8 [C, H, W], any sizes), resized to ``size``."""
-    if all(im.shape == images[0].shape for im in images):
-        return quantize(crop_resize(torch.stack(images).float(), boxes, size, image_index))
-    out = [quantize(crop_resize(images[int(j)][None].float(), boxes[k : k + 1], size)) for k, j in enumerate(image_index)]
-    return torch.cat(out)
+def cut(split: Split, source_indices, boxes: torch.Tensor, size, runtime: RuntimeConfig | None = None) -> torch.Tensor:
+    """uint8 crops: box k cut from training image ``source_indices[k]``, resized to ``size`` (decoded through the
+    loader, at reduced size where the box allows it)."""
+    items = list(range(len(boxes)))
+    crops = [c for batch in loader(items, lambda k: split.crops(int(source_indices[k]), lambda h, w: boxes[k : k + 1],
+                                                                size)[1], 16, runtime) for c in batch]
+    return torch.cat(crops)
 
 
 def scoring_inputs(patches: torch.Tensor, patch_view: str, fmt: InputFormat) -> torch.Tensor:
@@ -100,11 +95,11 @@ def crop_losses(teacher: Teacher, inputs: torch.Tensor, target: int, batch_size:
 
 def draw_candidates(split: Split, c: int, m: MethodConfig, factor: int, gen: torch.Generator,
                     candidates: np.ndarray | None = None):
-    """The random pre-selection T'_c of class ``c`` (or the given ``candidates``, CA2D's pool) and K crop boxes
-    per candidate.
+    """The random pre-selection T'_c of class ``c`` (or the given ``candidates``, CA2D's pool) and the random draws
+    of K crop boxes per candidate (:func:`~ddpipe.augment.box_draws`, rows grouped by candidate), which become
+    boxes once each image's size is known (:func:`candidate_crops`).
 
-    Returns (candidate split indices [n], their uint8 images, int64 boxes [n * K, 4] grouped by candidate).
-    """
+    Returns (candidate split indices [n], draws for n * K boxes)."""
     pool = split.class_indices(c)
     need = factor**2 * m.ipc
     if len(pool) < need:
@@ -113,29 +108,71 @@ def draw_candidates(split: Split, c: int, m: MethodConfig, factor: int, gen: tor
         )
     if candidates is None:
         candidates = pool[torch.randperm(len(pool), generator=gen)[: m.candidates_per_class].numpy()]
-    images = [split.image(int(i)) for i in candidates]
-    k = m.crops_per_image
-    # One draw per image size (a single one for fixed-size data), in order of first appearance: per-image draws
-    # cost as much as the teacher's forward pass on small images.
-    boxes = torch.empty(len(images) * k, 4, dtype=torch.int64)
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i, im in enumerate(images):
-        by_shape.setdefault(tuple(im.shape[1:]), []).append(i)
-    for (h, w), members in by_shape.items():
-        rows = (torch.tensor(members)[:, None] * k + torch.arange(k)).flatten()
-        boxes[rows] = sample_boxes(len(rows), h, w, gen, scale=m.crop_scale, ratio=(1.0, 1.0))
-    return candidates, images, boxes
+    return candidates, box_draws(len(candidates) * m.crops_per_image, gen, scale=m.crop_scale, ratio=(1.0, 1.0))
+
+
+def candidate_crops(split: Split, i: int, draws, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K crop boxes of training image ``i`` (``draws``: its K rows) and the crops resized to ``size``."""
+    return split.crops(i, lambda h, w: boxes_from_draws(draws, h, w, ratio=(1.0, 1.0)), size)
+
+
+def score_classes(teacher: Teacher, split: Split, plans: list[tuple[int, np.ndarray, tuple]], m: MethodConfig,
+                  factor: int, fmt: InputFormat, runtime: RuntimeConfig, device) -> Iterator[pa.Table]:
+    """RDED stage 1 for classes ``plans`` ((class, candidates, draws) from :func:`draw_candidates`): each class's
+    table of one row per candidate (its best crop), ranked by realism score, in order.
+
+    The candidates of all the classes go through one loader (:func:`ddpipe.data.loader`): its workers read,
+    decode and crop the next candidates while the teacher runs on the current ones, in batches of
+    ``method.batch_size`` crops per class."""
+    k, bs = m.crops_per_image, m.batch_size
+
+    def work(item):
+        ci, j = item
+        draws = tuple(d[j * k : (j + 1) * k] for d in plans[ci][2])
+        return (ci, *candidate_crops(split, int(plans[ci][1][j]), draws, fmt.size // factor))
+
+    items = [(ci, j) for ci, (_, candidates, _) in enumerate(plans) for j in range(len(candidates))]
+    current, boxes, queue, losses = 0, [], [], []
+
+    def forward(everything: bool):
+        x = torch.cat(queue) if queue else torch.empty(0)
+        n = len(x) if everything else len(x) // bs * bs
+        if n:
+            losses.append(crop_losses(teacher, scoring_inputs(x[:n], m.patch_view, fmt), plans[current][0], bs,
+                                      device, runtime))
+        queue[:] = [x[n:]] if n < len(x) else []
+
+    def finish():
+        forward(True)
+        c, candidates, _ = plans[current]
+        table = _ranked(split, c, candidates, torch.cat(boxes), torch.cat(losses).view(len(candidates), k), m, factor)
+        boxes.clear(), losses.clear()
+        return table
+
+    for batch in loader(items, work, max(1, bs // k), runtime):
+        for ci, b, crops in batch:
+            if ci != current:
+                yield finish()
+                current = ci
+            boxes.append(b)
+            queue.append(crops)
+            if sum(len(q) for q in queue) >= bs:
+                forward(False)
+    if plans:
+        yield finish()
 
 
 def score_class(teacher: Teacher, split: Split, c: int, m: MethodConfig, factor: int, fmt: InputFormat,
                 runtime: RuntimeConfig, gen: torch.Generator, device, candidates: np.ndarray | None = None) -> pa.Table:
-    """RDED stage 1 for class ``c``: one row per candidate image (its best crop), ranked by realism score.
-    ``candidates`` replaces the random pre-selection (CA2D)."""
-    candidates, images, boxes = draw_candidates(split, c, m, factor, gen, candidates)
-    n, k = len(candidates), m.crops_per_image
-    patches = cut_images(images, torch.arange(n).repeat_interleave(k), boxes, fmt.size // factor)
-    inputs = scoring_inputs(patches, m.patch_view, fmt)
-    losses = crop_losses(teacher, inputs, c, m.batch_size, device, runtime).view(n, k)
+    """RDED stage 1 for class ``c`` alone (:func:`score_classes`). ``candidates`` replaces the random
+    pre-selection (CA2D)."""
+    plan = (c, *draw_candidates(split, c, m, factor, gen, candidates))
+    return next(score_classes(teacher, split, [plan], m, factor, fmt, runtime, device))
+
+
+def _ranked(split: Split, c: int, candidates: np.ndarray, boxes: torch.Tensor, losses: torch.Tensor,
+            m: MethodConfig, factor: int) -> pa.Table:
+    n, k = losses.shape
     best_loss, best_crop = losses.min(dim=1)
     rank_order = np.lexsort((np.arange(n), best_loss.numpy()))  # ascending loss, ties by candidate position
     rank = np.empty(n, dtype=np.int32)
@@ -144,7 +181,7 @@ def score_class(teacher: Teacher, split: Split, c: int, m: MethodConfig, factor:
     cols = {
         "class_index": np.full(n, c, dtype=np.int32),
         "candidate": np.arange(n, dtype=np.int32),
-        "source_index": candidates.astype(np.int64),
+        "source_index": np.asarray(candidates).astype(np.int64),
         "source_id": [split.source_id(int(i)) for i in candidates],
         "crop": best_crop.numpy().astype(np.int16),
         "top": best_boxes[:, 0].numpy().astype(np.int32),
@@ -167,8 +204,8 @@ def selected_rows(scores: pa.Table, patches: int) -> list[dict]:
     return rows
 
 
-def stitch_class(split: Split, rows: list[dict], ipc: int, factor: int,
-                 fmt: InputFormat) -> tuple[torch.Tensor, list[dict]]:
+def stitch_class(split: Split, rows: list[dict], ipc: int, factor: int, fmt: InputFormat,
+                 runtime: RuntimeConfig | None = None) -> tuple[torch.Tensor, list[dict]]:
     """RDED stage 2: uint8 images [ipc, C, S, S] of one class and their per-region provenance."""
     size = fmt.size
     cells = cell_boxes(size, factor)
@@ -177,7 +214,7 @@ def stitch_class(split: Split, rows: list[dict], ipc: int, factor: int,
     for cell_index, (top, left, h, w) in enumerate(cells):
         group = rows[cell_index * ipc : (cell_index + 1) * ipc]
         boxes = torch.tensor([[r["top"], r["left"], r["height"], r["width"]] for r in group])
-        patches = cut(split, [r["source_index"] for r in group], boxes, (h, w))
+        patches = cut(split, [r["source_index"] for r in group], boxes, (h, w), runtime)
         images[:, :, top : top + h, left : left + w] = patches
         for j, r in enumerate(group):
             provenance.append(
@@ -196,11 +233,12 @@ def run_scoring(ctx: Context, shard: Shard, inputs,
     ``c``'s candidate pool instead of the random pre-selection (CA2D)."""
     cfg = ctx.cfg
     teacher = teacher_of(ctx, inputs)
+    split = ctx.source.train
+    plans = [(c, *draw_candidates(split, c, cfg.method, cfg.factor, generator(cfg.seed, "scoring", c),
+                                  candidates(c) if candidates else None)) for c in shard.classes]
     files = []
-    for k, c in enumerate(shard.classes):
-        table = score_class(teacher, ctx.source.train, c, cfg.method, cfg.factor, cfg.input_format, cfg.runtime,
-                            generator(cfg.seed, "scoring", c), ctx.device,
-                            candidates=candidates(c) if candidates else None)
+    tables = score_classes(teacher, split, plans, cfg.method, cfg.factor, cfg.input_format, cfg.runtime, ctx.device)
+    for k, (c, table) in enumerate(zip(shard.classes, tables)):
         files.append(ctx.store.write_table(f"scoring/class={c:05d}.parquet", table))
         progress.emit("step", "scoring", shard.id, k + 1, len(shard.classes))
     return files
@@ -212,7 +250,8 @@ def run_synthesis(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     files = []
     for c in shard.classes:
         rows = selected_rows(ctx.store.read_table(f"scoring/class={c:05d}.parquet"), cfg.patches_per_class)
-        images, provenance = stitch_class(ctx.source.train, rows, cfg.method.ipc, cfg.factor, cfg.input_format)
+        images, provenance = stitch_class(ctx.source.train, rows, cfg.method.ipc, cfg.factor, cfg.input_format,
+                                          cfg.runtime)
         files += write_class(ctx.store, "distilled", c, images, provenance)
     return files
 

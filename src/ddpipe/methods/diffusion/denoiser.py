@@ -28,7 +28,7 @@ from torch import nn
 
 from ddpipe.augment import generator, seed_for
 from ddpipe.config import DiffusionConfig, OptimConfig, RuntimeConfig
-from ddpipe.data import Split
+from ddpipe.data import Split, loader
 from ddpipe.errors import CheckpointError, ConfigError
 from ddpipe.train import autocast, batch_to, build_optimizer
 
@@ -235,10 +235,17 @@ def train_denoiser(cfg: DiffusionConfig, split: Split, space: Space, num_classes
     else:
         window = []
     n = len(split)
-    for step in range(start, cfg.steps):
+
+    def step_indices(step: int) -> tuple[torch.Generator, np.ndarray]:
         gen = generator(seed, "diffusion", step)
-        idx = np.sort(torch.randint(0, n, (cfg.batch_size,), generator=gen).numpy())
-        x0 = space.encode(batch_to(split.batch(idx).float() / 255, device, runtime))
+        return gen, np.sort(torch.randint(0, n, (cfg.batch_size,), generator=gen).numpy())
+
+    # Each step's images are drawn from the step alone, so loader workers decode them ahead of the step.
+    steps = list(range(start, cfg.steps))
+    images = (b[0] for b in loader(steps, lambda step: split.batch(step_indices(step)[1]), 1, runtime))
+    for step, batch in zip(steps, images):
+        gen, idx = step_indices(step)
+        x0 = space.encode(batch_to(batch.float() / 255, device, runtime))
         y = torch.from_numpy(split.labels[idx]).to(device)
         drop = torch.rand(len(y), generator=gen) < cfg.class_dropout
         y = torch.where(drop.to(device), torch.full_like(y, num_classes), y)

@@ -212,7 +212,7 @@ def collect(model: nn.Module, split: Split, indices: np.ndarray, patch: int, bat
     recorder = ConvInputRecorder(model, patch)
     try:
         total, done = len(indices), 0
-        for images, _ in split.batches(indices, batch_size, runtime.loader_workers):
+        for images, _ in split.batches(indices, batch_size, runtime, device):
             model(batch_to(normalize(images, mean, std), device, runtime))
             done += len(images)
             if progress:

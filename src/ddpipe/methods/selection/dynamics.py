@@ -53,7 +53,7 @@ def sample_records(model: nn.Module, split: Split, indices: np.ndarray, mean, st
     """(EL2N, correct) of every sample in ``split[indices]`` under ``model`` (eval mode, no augmentation)."""
     model.eval()
     scores, hits = [], []
-    for images, labels in split.batches(indices, batch_size, runtime.loader_workers):
+    for images, labels in split.batches(indices, batch_size, runtime, device):
         with autocast(device, runtime):
             logits = model(batch_to(normalize(images, mean, std), device, runtime)).float().cpu()
         scores.append(el2n(logits.softmax(1), labels))

@@ -76,7 +76,7 @@ def run_selection(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     files = []
     for k, c in enumerate(shard.classes):
         picks, scores = select_class(ctx, c, inputs)
-        files += write_real_images(ctx.store, split, cfg.image_size, "distilled", c, picks, scores)
+        files += write_real_images(ctx.store, split, cfg.image_size, "distilled", c, picks, scores, cfg.runtime)
         progress.emit("step", "synthesis", shard.id, k + 1, len(shard.classes))
     return files
 

@@ -1,0 +1,100 @@
+"""Image bytes to ``uint8 [C, H, W]`` tensors, on the CPU (Pillow) or in batches on a CUDA device (nvJPEG).
+
+:func:`decode` is the one CPU decoder of the project. It applies the EXIF orientation, converts CMYK, palette and
+grayscale images to the run's channels, composites images with an alpha channel over white, and can decode a
+JPEG at 1/2, 1/4 or 1/8 of its size with the JPEG DCT-scaling mode (``reduce``), which costs a fraction of a full
+decode. :func:`reduction` says how far an image may be reduced for a set of crop boxes and an output size.
+:func:`decode_jpegs_cuda` decodes a batch of JPEGs on the GPU with torchvision (``runtime.gpu_decode``).
+
+A file that is not an image, or a truncated one, is a :class:`~ddpipe.errors.DataError` naming it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from ddpipe.errors import DataError
+
+ORIENTATION_TAG = 0x0112
+_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def open_image(data: bytes, name: str):
+    """The Pillow image of ``data`` with only its header read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {name} (not an image, or a format Pillow does not know)") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+
+
+def oriented_size(im) -> tuple[int, int]:
+    """(height, width) of the image as shown, i.e. after its EXIF orientation."""
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the image is shown as stored
+        orientation = 1
+    return (w, h) if orientation in _TRANSPOSED else (h, w)
+
+
+def reduction(boxes: torch.Tensor, size: int | tuple[int, int], limit: int = 8) -> int:
+    """The largest JPEG reduction (1, 2, 4 or 8, at most ``limit``) that leaves every box ([K, 4] top, left, h, w
+    in full-size pixels) at least ``size`` pixels on each side, so that crops resized to ``size`` lose nothing."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    side = min(float(boxes[:, 2].min()) / out_h, float(boxes[:, 3].min()) / out_w) if len(boxes) else 1.0
+    r = 1
+    while r * 2 <= min(side, limit):
+        r *= 2
+    return r
+
+
+def decode(data: bytes, channels: int, name: str, reduce=1) -> tuple[torch.Tensor, float]:
+    """``data`` as uint8 [channels, H, W] and the scale of the result against the full-size image (1.0, or about
+    1/``reduce`` when a JPEG was decoded with DCT scaling). ``reduce`` may be a function of the full (height,
+    width) as shown, called before decoding."""
+    from PIL import Image, ImageOps
+
+    im = open_image(data, name)
+    if callable(reduce):
+        reduce = reduce(*oriented_size(im))
+    try:
+        full_w, full_h = im.size
+        if reduce > 1 and im.format == "JPEG":
+            im.draft(im.mode if im.mode in ("RGB", "L") else None, (max(1, full_w // reduce), max(1, full_h // reduce)))
+        im.load()
+        scale = im.size[0] / full_w
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        im = im.convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), scale
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def decode_jpegs_cuda(datas: list[bytes], device) -> list[torch.Tensor]:
+    """JPEGs decoded on ``device`` in one batch (torchvision's nvJPEG path) as uint8 RGB [3, H, W] tensors. The
+    EXIF orientation is applied on the CPU side of torchvision where it has one."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
