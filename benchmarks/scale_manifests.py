@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ddpipe.config import load_config  # noqa: E402
-from ddpipe.data import DataSource, FolderSplit  # noqa: E402
+from ddpipe.data import ArraySplit, DataSource  # noqa: E402
 from ddpipe.imageset import image_path  # noqa: E402
 from ddpipe.pipeline import Context, finalize_stage, flow_task_runs, make_plan, run_shard, status  # noqa: E402
 from ddpipe.stages import stages_for  # noqa: E402
@@ -109,9 +109,10 @@ def main() -> None:
 
     classes, files, labels = listing(args.classes, args.images, rng)
     test_labels = np.repeat(np.arange(args.classes), 50)
-    train = FolderSplit("train", Path("/data/train"), files, labels, args.classes, cfg.image_size, 3, "train")
-    test = FolderSplit("val", Path("/data/val"), [f"v{k}.JPEG" for k in range(len(test_labels))], test_labels,
-                       args.classes, cfg.image_size, 3, "val")
+    # The images are never read here: splits with the listing's labels and one placeholder image.
+    pixel = np.zeros((1, 3, 1, 1), np.uint8)
+    train = ArraySplit("train", pixel, labels, args.classes, "train")
+    test = ArraySplit("val", pixel, test_labels, args.classes, "val")
     phase(f"source listing ({len(files):,} files)")
 
     ctx = Context(cfg)

@@ -1,9 +1,12 @@
 """Patch scoring throughput against the teacher's bare forward pass on the same crops.
 
     python benchmarks/scoring_throughput.py [--config configs/fashion-mnist-rded-ipc10.yaml] [--repeats 3]
+                                            [--set key=value ...]
 
-Scoring (``ddpipe.methods.rded.score_class``: draw candidates, cut K crops each, teacher forward, cross-entropy, best
-crop per image, ranking) is timed over every class. The bare forward pass runs the same teacher, at the same
+Scoring (``ddpipe.methods.rded.score_classes``: draw candidates; read, decode and cut K crops each in the loader's
+workers, ``runtime.loader_workers``; teacher forward, cross-entropy, best crop per image, ranking) is timed over
+every class, as the scoring stage runs a shard. With ``configs/imagenet-shaped-rded.yaml`` on a GPU machine
+(``--set runtime.device=cuda``) this is the GPU check of the ImageNet-geometry scoring path. The bare forward pass runs the same teacher, at the same
 batch size, over the very same crops, prepared beforehand. Target: scoring throughput >= 80% of the bare
 forward throughput. The teacher has random weights: throughput does not depend on them.
 """
@@ -19,7 +22,7 @@ import torch
 
 from ddpipe.augment import generator
 from ddpipe.config import load_config
-from ddpipe.methods.rded import cut_images, draw_candidates, score_class, scoring_inputs
+from ddpipe.methods.rded import candidate_crops, draw_candidates, score_classes, scoring_inputs
 from ddpipe.models import init_model
 from ddpipe.pipeline import context_for
 from ddpipe.teacher import Teacher
@@ -43,10 +46,12 @@ def main() -> None:
     k = cfg.method.crops_per_image
 
     # The crops scoring will cut, prepared once for the bare forward pass.
+    plans = [(c, *draw_candidates(source.train, c, cfg.method, cfg.factor, generator(cfg.seed, "scoring", c)))
+             for c in classes]
     inputs = []
-    for c in classes:
-        cands, images, boxes = draw_candidates(source.train, c, cfg.method, cfg.factor, generator(cfg.seed, "scoring", c))
-        patches = cut_images(images, torch.arange(len(cands)).repeat_interleave(k), boxes, cfg.image_size // cfg.factor)
+    for c, cands, draws in plans:
+        patches = torch.cat([candidate_crops(source.train, int(i), tuple(d[j * k : (j + 1) * k] for d in draws),
+                                             cfg.image_size // cfg.factor)[1] for j, i in enumerate(cands)])
         inputs.append(scoring_inputs(patches, cfg.method.patch_view, cfg.input_format))
     crops = sum(len(x) for x in inputs)
     bs = cfg.method.batch_size
@@ -64,9 +69,9 @@ def main() -> None:
         sync()
 
     def scoring():
-        for c in classes:
-            score_class(teacher, source.train, c, cfg.method, cfg.factor, cfg.input_format, cfg.runtime,
-                        generator(cfg.seed, "scoring", c), device)
+        for _ in score_classes(teacher, source.train, plans, cfg.method, cfg.factor, cfg.input_format, cfg.runtime,
+                               device):
+            pass
         sync()
 
     bare(), scoring()  # warm-up
@@ -82,7 +87,7 @@ def main() -> None:
     sco = statistics.median(r["scoring_crops_per_s"] for r in rows)
     print(json.dumps({
         "config": args.config, "device": str(device), "threads": torch.get_num_threads(), "classes": len(classes),
-        "crops": crops, "batch_size": bs, "teacher": cfg.teacher.model.model_dump(),
+        "crops": crops, "batch_size": bs, "loader_workers": cfg.runtime.loader_workers, "teacher": cfg.teacher.model.model_dump(),
         "forward_crops_per_s": round(fwd, 1), "scoring_crops_per_s": round(sco, 1), "ratio": round(sco / fwd, 3),
         "runs": rows,
     }, indent=1))

@@ -33,7 +33,9 @@ from ddpipe.manifests import StageManifest
 from ddpipe.pipeline import Driver, Shard, Stage, context_for, drive, run_store
 from ddpipe.report import GRID_CLASSES, GRID_IMAGES, results_rows, results_table
 from ddpipe.stages import stages_for
-from ddpipe.tasks.pipeline import RunRef, finalize_stage, plan_run, prepare_run, report, run_shard
+from ddpipe.tasks.pipeline import (
+    RunRef, finalize_stage, index_shards, plan_index, plan_run, prepare_run, report, run_shard,
+)
 
 
 def _submitted(shard_task, window: int, ref: RunRef, stage: str, shards: list[Shard], inputs):
@@ -64,8 +66,23 @@ def _shard_results(ref: RunRef, stage: Stage, shards: list[Shard], inputs: dict[
         yield result
 
 
+def _index_source(config: RunConfig) -> None:
+    """Index the data source's shards not indexed yet, a task per group of shards (the dataset stage then joins
+    the parts); nothing to do for Fashion-MNIST or a source indexed already."""
+    groups = plan_index(config)
+    orch = config.orchestration
+    task = index_shards.with_options(task_run_name="index:{shards[0].path}")
+    if orch.max_workers == 1 and orch.task_runner == "local":
+        for group in groups:
+            task(config, group)
+    else:
+        for future in [task.submit(config, group) for group in groups]:
+            future.result()
+
+
 def _run_stages(config: RunConfig, until: str | None = None) -> tuple[RunRef, dict[str, StageManifest], dict]:
-    """Prepare the run folder and run its stages in order (up to and including ``until``)."""
+    """Index the data source, prepare the run folder and run its stages in order (up to and including ``until``)."""
+    _index_source(config)
     ref = prepare_run(config)
     print(f"run folder: {ref.uri}")
     driver = Driver(

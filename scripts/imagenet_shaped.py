@@ -1,7 +1,7 @@
 """An ImageNet-shaped real data set made from Fashion-MNIST, for ddpipe's tests and benchmarks.
 
     python scripts/imagenet_shaped.py OUT [--classes 10] [--train-per-class 100] [--val-per-class 50] [--seed 0]
-        [--shard-size 100] [--row-group-size 50] [--layouts image-folder,webdataset,parquet]
+        [--shard-size 100] [--row-group-size 50] [--layouts image-folder,webdataset,parquet] [--workers N]
 
 ImageNet itself cannot be downloaded on these machines, but ddpipe's ImageNet data layer must still be tested and
 benchmarked on real images with ImageNet's geometry. This script renders real Fashion-MNIST images the way ImageNet
@@ -31,11 +31,9 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import sys
 import tarfile
 import time
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +68,7 @@ def render(img: np.ndarray, seed: int, split: str, key: str) -> bytes:
     digest = hashlib.sha256(f"imagenet-shaped/{seed}/{split}/{key}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     short = int(rng.integers(256, 376))
-    long = max(short, int(round(short * rng.uniform(1.0, 1.5))))
+    long = max(short, int(short * rng.uniform(1.0, 1.5) + 0.5))
     w, h = (long, short) if rng.random() < 0.75 else (short, long)
     g = np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC), dtype=np.float32) / np.float32(255.0)
     tint = rng.uniform(0.6, 1.0, 3) * 255.0  # class-independent colour of the garment
@@ -131,8 +129,12 @@ def _parquet(rows: list[tuple[str, int, bytes]], names: list[str], row_group_siz
 
 def write_imagenet_shaped(out, classes: int = 10, train_per_class: int = 100, val_per_class: int = 50,
                           seed: int = 0, shard_size: int = 100, row_group_size: int = 50,
-                          layouts=LAYOUTS, storage_options: dict | None = None) -> dict:
-    """Render and write the set under `out` (folder or fsspec URL); returns a summary (counts, JPEG sizes, roots)."""
+                          layouts=LAYOUTS, storage_options: dict | None = None, workers: int = 1) -> dict:
+    """Render and write the set under `out` (folder or fsspec URL); returns a summary (counts, JPEG sizes, roots).
+
+    `workers` > 1 renders in a process pool (forkserver) when there are more than 500 images; the output is the same.
+    The calling program's main module must then guard its top level with ``if __name__ == "__main__":``.
+    """
     import fsspec
 
     from ddpipe.data import _fashion_mnist_arrays, find_fashion_mnist
@@ -151,9 +153,12 @@ def write_imagenet_shaped(out, classes: int = 10, train_per_class: int = 100, va
     splits = {s: _samples(arrays, s, classes, n) for s, n in (("train", train_per_class), ("val", val_per_class))}
 
     jobs = [(img, seed, s, key) for s, samples in splits.items() for key, _, img in samples]
-    workers = min(os.cpu_count() or 1, 8)
     if len(jobs) > 500 and workers > 1:
-        with get_context("spawn").Pool(workers) as pool:  # spawn: no fork of a parent that has torch threads
+        from multiprocessing import get_all_start_methods, get_context
+
+        # no plain fork: the parent has imported torch (threads); forkserver starts workers cheaply and safely
+        ctx = get_context("forkserver" if "forkserver" in get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
             jpegs = pool.map(_render_job, jobs, chunksize=16)
     else:
         jpegs = [_render_job(j) for j in jobs]
@@ -214,9 +219,10 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=100)
     p.add_argument("--row-group-size", type=int, default=50)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ",".join(LAYOUTS))
+    p.add_argument("--workers", type=int, default=1, help="rendering processes (a pool pays off on many cores)")
     a = p.parse_args(argv)
     summary = write_imagenet_shaped(a.out, a.classes, a.train_per_class, a.val_per_class, a.seed, a.shard_size,
-                                    a.row_group_size, [x for x in a.layouts.split(",") if x])
+                                    a.row_group_size, [x for x in a.layouts.split(",") if x], workers=a.workers)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -20,10 +20,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from pydantic import BaseModel
 
-from ddpipe import pipeline
+from ddpipe import dataindex, pipeline
 from ddpipe.config import RunConfig
 from ddpipe.dataset import dataset_classes
 from ddpipe.errors import DDPipeError
+from ddpipe.formats import ShardInfo
 from ddpipe.manifests import ShardResult, StageManifest
 from ddpipe.pipeline import Shard, Stage, context_for
 from ddpipe.report import write_report
@@ -68,6 +69,19 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     except Exception:
         return True
     return False
+
+
+@task(name="plan-index", cache_policy=NO_CACHE)
+def plan_index(cfg: RunConfig) -> list[list[ShardInfo]]:
+    """The source's shards still to index, in groups (none for Fashion-MNIST or a source indexed already)."""
+    return dataindex.index_groups(cfg)
+
+
+@task(name="index-shards", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
+      retry_condition_fn=_retry_unless_user_error)
+def index_shards(cfg: RunConfig, shards: list[ShardInfo]) -> int:
+    """Index one group of shards into their parts of the dataset index (parts done already are reused)."""
+    return dataindex.index_group(cfg, shards)
 
 
 @task(name="prepare-run", cache_policy=NO_CACHE)

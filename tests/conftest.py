@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -86,3 +87,26 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
         [sys.executable, "-m", "ddpipe.cli", *args], capture_output=True, text=True, env=full_env, timeout=timeout,
         cwd=ROOT,
     )
+
+
+BUCKET = "ddpipe-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on loopback with bucket ``ddpipe-test``: (endpoint URL, the AWS_* variables to reach it)."""
+    from moto.server import ThreadedMotoServer
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    import s3fs
+
+    s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}).mkdir(BUCKET)
+    yield endpoint, creds
+    server.stop()

@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpipe.augment import generator
+from ddpipe.augment import boxes_from_draws, crop_resize, generator, quantize
 from ddpipe.data import normalize
 from ddpipe.errors import DataError
 from ddpipe.imageset import cell_boxes
 from ddpipe.methods.rded import (
-    cut, cut_images, draw_candidates, score_class, scoring_inputs, selected_rows, stitch_class,
+    cut, draw_candidates, score_class, scoring_inputs, selected_rows, stitch_class,
 )
 
 from conftest import smoke_config
@@ -25,8 +25,10 @@ def score(teacher, split, c, cfg, gen):
 def test_scoring_keeps_each_candidates_lowest_ce_crop_and_ranks_by_it(trained_teacher):
     cfg, source, teacher = trained_teacher
     c, k = 3, cfg.method.crops_per_image
-    candidates, images, boxes = draw_candidates(source.train, c, cfg.method, cfg.factor, generator(7))
-    patches = cut_images(images, torch.arange(len(candidates)).repeat_interleave(k), boxes, 28)
+    candidates, draws = draw_candidates(source.train, c, cfg.method, cfg.factor, generator(7))
+    boxes = boxes_from_draws(draws, 28, 28, ratio=(1.0, 1.0))  # Fashion-MNIST: every image 28 x 28
+    images = source.train.batch(np.repeat(candidates, k)).float()
+    patches = quantize(crop_resize(images, boxes, 28))
     mean, std = cfg.normalization
     with torch.no_grad():  # one crop at a time: independent of the batched scorer
         manual = torch.stack([

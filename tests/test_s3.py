@@ -2,35 +2,15 @@
 
 import json
 import os
-import socket
 
 import pytest
 
-from conftest import SMOKE, run_cli
+from conftest import BUCKET, SMOKE, run_cli
 
 pytestmark = pytest.mark.slow  # end to end: runs on moto's S3 server
 
-BUCKET = "ddpipe-test"
+
 FAST = ["--set", "evaluation.epochs=5", "--set", "evaluation.seeds=[0]"]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    import s3fs
-
-    s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint}).mkdir(BUCKET)
-    yield endpoint, creds
-    server.stop()
 
 
 def bucket_fs(endpoint):

@@ -238,3 +238,19 @@ def test_index_key_and_errors_name_the_source(tmp_path):
     (tmp_path / "empty" / "val").mkdir()
     with pytest.raises(DataError, match=r"empty/train has no tar shards"):
         open_source(config(tmp_path / "empty", "webdataset", tmp_path / "store"))
+
+
+def test_indexing_as_groups_of_shards_as_the_flow_runs_it(shaped, tmp_path, monkeypatch):
+    from ddpipe.dataindex import index_group, index_groups
+
+    cfg = build_config({"name": "s", "dataset": {"kind": "parquet", "root": str(shaped / "parquet"), "image_size": 64},
+                        "store": {"uri": str(tmp_path / "store")}, "orchestration": {"max_shards_per_stage": 3}})
+    calls = []
+    real = formats.index_shard
+    monkeypatch.setattr("ddpipe.dataindex.index_shard", lambda *a: calls.append(a[1].path) or real(*a))
+    groups = index_groups(cfg)
+    assert len(groups) == 3 and sum(len(g) for g in groups) == 5 + 3
+    assert sum(index_group(cfg, g) for g in groups) == 36 and len(calls) == 8
+    assert sum(index_group(cfg, g) for g in groups) == 36 and len(calls) == 8  # a retried task: parts reused
+    src = open_source(cfg)  # joins the parts the groups wrote
+    assert len(calls) == 8 and len(src.train) == 24 and index_groups(cfg) == []

@@ -180,9 +180,10 @@ class _Failed:
 
 def loader(items, fn: Callable, batch_size: int, runtime=None) -> Iterator[list]:
     """Lists of ``fn(item)`` for consecutive batches of ``items``, in order: in this process, or by
-    ``runtime.loader_workers`` worker processes keeping ``runtime.prefetch`` batches each in flight."""
+    ``runtime.loader_workers`` worker processes keeping ``runtime.prefetch`` batches each in flight (when there is
+    more than one batch)."""
     workers = runtime.loader_workers if runtime is not None else 0
-    if workers <= 0:
+    if workers <= 0 or len(items) <= batch_size:  # a batch or less: starting workers would cost more
         for s in range(0, len(items), batch_size):
             yield [fn(item) for item in items[s : s + batch_size]]
         return

@@ -6,12 +6,14 @@ The first run over a source lists it and writes ``<store>/shared/datasets/<key>/
   that shard is indexed; the shard's size and version are in the part's metadata, so an interrupted indexing
   resumes shard by shard and a part is reused only for the very same shard;
 - ``<split>.parquet``: the parts of a split joined in shard order (:data:`~ddpipe.formats.INDEX_SCHEMA`);
+- ``classes.json``: the class list, as soon as the split folders are listed;
 - ``index.json``, written last: the class list, each split's shard list (path, size, version) and the sha256
   of its joined file. A folder without it is not an index yet.
 
 ``key`` hashes the layout, the root URL, the split and column names and the code of :mod:`ddpipe.formats`.
-Indexing is sharded (:func:`plan_index`, :func:`index_part`, :func:`finish_index`): the plain runner runs the
-parts on ``runtime.index_threads`` threads, the ``distill`` flow as one Prefect task each.
+Indexing is sharded (:func:`plan_index`, :func:`index_part`, :func:`finish_index`): :func:`open_index` runs the
+parts on ``runtime.index_threads`` threads; the ``distill`` flow runs them first as Prefect tasks, a group of
+shards each (:func:`index_groups`, :func:`index_group`), so that a source of 10,000 tars is a few hundred tasks.
 
 Every later run reads the index instead of listing the images; it lists only the split folders (one listing
 per split) and refuses a source whose shards changed after indexing: a shard gone, added, or with another
@@ -35,7 +37,7 @@ import torch
 
 from ddpipe.config import RunConfig
 from ddpipe.data import DataSource, Split, slice_per_class
-from ddpipe.decode import decode
+from ddpipe.decode import decode, reduction
 from ddpipe.errors import DataError
 from ddpipe.formats import INDEX_SCHEMA, ShardInfo, SourceSpec, class_names, index_shard, list_shards, read_entry
 from ddpipe.pipeline import shared_key
@@ -151,11 +153,40 @@ def check_unchanged(spec: SourceSpec, store: Store, info: dict, plan: IndexPlan)
                 raise DataError(f"{spec.url(path)} changed after the source was indexed ({hint})")
 
 
-def open_index(cfg: RunConfig) -> tuple[SourceSpec, Store, dict]:
-    """The source's index, built first if the store has none; refuses a source that changed since."""
+def index_groups(cfg: RunConfig) -> list[list[ShardInfo]]:
+    """The shards still to index, in groups of at most ``orchestration.max_shards_per_stage`` groups (a Prefect
+    task each); empty for Fashion-MNIST and for a source indexed already."""
+    if cfg.dataset.kind == "fashion-mnist":
+        return []
+    spec, store, plan = _planned(cfg)
+    if store.exists("index.json"):
+        return []
+    shards = [s for split_shards in plan.shards.values() for s in split_shards]
+    size = -(-len(shards) // cfg.orchestration.max_shards_per_stage)
+    return [shards[k : k + size] for k in range(0, len(shards), size)]
+
+
+def index_group(cfg: RunConfig, shards: list[ShardInfo]) -> int:
+    """Index ``shards`` (one group of :func:`index_groups`), reusing parts already done; their row count."""
+    spec, store, plan = _planned(cfg, list_splits=False)
+    classes = plan.classes if plan else json.loads(store.read_bytes("classes.json"))
+    return sum(index_part(spec, store, s, classes) for s in shards)
+
+
+def _planned(cfg: RunConfig, list_splits: bool = True) -> tuple[SourceSpec, Store, IndexPlan | None]:
     spec, d = source_spec(cfg), cfg.dataset
     store = index_store(cfg, spec)
+    if not list_splits and store.exists("classes.json"):
+        return spec, store, None
     plan = plan_index(spec, (d.train_split, d.test_split))
+    store.write_bytes("classes.json", json.dumps(plan.classes).encode(), if_changed=True)
+    return spec, store, plan
+
+
+def open_index(cfg: RunConfig) -> tuple[SourceSpec, Store, dict]:
+    """The source's index, built first if the store has none (parts already done are reused); refuses a source
+    that changed since."""
+    spec, store, plan = _planned(cfg)
     if store.exists("index.json"):
         info = json.loads(store.read_bytes("index.json"))
         check_unchanged(spec, store, info, plan)
@@ -205,6 +236,17 @@ class IndexedSplit(Split):
 
     def decoded(self, i: int, reduce=1) -> tuple[torch.Tensor, float]:
         return decode(self.read(i), self.channels, self.location(i), reduce)
+
+    def load_sized(self, i: int) -> tuple[tuple[int, int], torch.Tensor]:
+        """As :meth:`Split.load_sized`, resized by the decoder (Pillow, uint8) instead of on a float tensor."""
+        size, seen = self.image_size, []
+
+        def reduce(h, w):
+            seen.append((h, w))
+            return reduction(torch.tensor([[0, 0, min(h, w), min(h, w)]]), size)
+
+        img, _ = decode(self.read(i), self.channels, self.location(i), reduce, size)
+        return seen[0], img
 
 
 def open_indexed(cfg: RunConfig) -> DataSource:

@@ -55,10 +55,12 @@ def reduction(boxes: torch.Tensor, size: int | tuple[int, int], limit: int = 8) 
     return r
 
 
-def decode(data: bytes, channels: int, name: str, reduce=1) -> tuple[torch.Tensor, float]:
+def decode(data: bytes, channels: int, name: str, reduce=1, size: int | None = None) -> tuple[torch.Tensor, float]:
     """``data`` as uint8 [channels, H, W] and the scale of the result against the full-size image (1.0, or about
     1/``reduce`` when a JPEG was decoded with DCT scaling). ``reduce`` may be a function of the full (height,
-    width) as shown, called before decoding."""
+    width) as shown, called before decoding. With ``size``, the image is resized (shorter side to ``size``,
+    Pillow's antialiased bilinear on uint8) and centre-cropped to ``size`` x ``size`` on the way: as
+    :func:`ddpipe.data.resize_center` does for tensors, at a fraction of its cost on large images."""
     from PIL import Image, ImageOps
 
     im = open_image(data, name)
@@ -75,6 +77,11 @@ def decode(data: bytes, channels: int, name: str, reduce=1) -> tuple[torch.Tenso
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         im = im.convert("L" if channels == 1 else "RGB")
+        if size is not None and im.size != (size, size):
+            w, h = im.size
+            nw, nh = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
         arr = np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {_first_line(e)})") from None

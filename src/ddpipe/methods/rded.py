@@ -206,17 +206,19 @@ def selected_rows(scores: pa.Table, patches: int) -> list[dict]:
 
 def stitch_class(split: Split, rows: list[dict], ipc: int, factor: int, fmt: InputFormat,
                  runtime: RuntimeConfig | None = None) -> tuple[torch.Tensor, list[dict]]:
-    """RDED stage 2: uint8 images [ipc, C, S, S] of one class and their per-region provenance."""
+    """RDED stage 2: uint8 images [ipc, C, S, S] of one class and their per-region provenance (every patch of
+    the class cut through one loader)."""
     size = fmt.size
     cells = cell_boxes(size, factor)
     images = torch.zeros(ipc, fmt.channels, size, size, dtype=torch.uint8)
+    jobs = [(r["source_index"], torch.tensor([[r["top"], r["left"], r["height"], r["width"]]]), cell[2:])
+            for cell_index, cell in enumerate(cells) for r in rows[cell_index * ipc : (cell_index + 1) * ipc]]
+    patches = [p for batch in loader(jobs, lambda job: split.crops(int(job[0]), lambda h, w: job[1], job[2])[1],
+                                     16, runtime) for p in batch]
     provenance = []
     for cell_index, (top, left, h, w) in enumerate(cells):
-        group = rows[cell_index * ipc : (cell_index + 1) * ipc]
-        boxes = torch.tensor([[r["top"], r["left"], r["height"], r["width"]] for r in group])
-        patches = cut(split, [r["source_index"] for r in group], boxes, (h, w), runtime)
-        images[:, :, top : top + h, left : left + w] = patches
-        for j, r in enumerate(group):
+        for j, r in enumerate(rows[cell_index * ipc : (cell_index + 1) * ipc]):
+            images[j, :, top : top + h, left : left + w] = patches[cell_index * ipc + j][0]
             provenance.append(
                 {"ipc_index": j, "region": cell_index + 1 if factor > 1 else 0, "cell": (top, left, h, w), **r}
             )
