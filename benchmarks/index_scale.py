@@ -46,6 +46,10 @@ from ddpipe.store import table_bytes
 
 
 def rss_mb() -> float:
+    # VmHWM: this process's peak since its exec (ru_maxrss would carry the parent's peak across the exec).
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

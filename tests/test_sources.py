@@ -254,3 +254,13 @@ def test_indexing_as_groups_of_shards_as_the_flow_runs_it(shaped, tmp_path, monk
     assert sum(index_group(cfg, g) for g in groups) == 36 and len(calls) == 8  # a retried task: parts reused
     src = open_source(cfg)  # joins the parts the groups wrote
     assert len(calls) == 8 and len(src.train) == 24 and index_groups(cfg) == []
+
+
+def test_device_decode_path_matches_the_cpu_loader(shaped, tmp_path):
+    """The nvJPEG path of ``batches`` (runtime.gpu_decode on CUDA), run here through torchvision's CPU decoder: the
+    same images up to the resize's rounding."""
+    src = open_source(config(shaped / "webdataset", "webdataset", tmp_path / "store"))
+    datas = [src.train.read(i) for i in range(6)]
+    on_device = src.train._device_batch(datas, np.arange(6), torch.device("cpu"))
+    assert on_device.shape == (6, 3, 64, 64) and on_device.dtype == torch.uint8
+    assert (on_device.float() - src.train.batch(range(6)).float()).abs().mean() < 4

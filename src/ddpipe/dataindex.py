@@ -43,7 +43,7 @@ from ddpipe.formats import INDEX_SCHEMA, ShardInfo, SourceSpec, class_names, ind
 from ddpipe.pipeline import shared_key
 from ddpipe.store import Store, sha256_bytes, table_bytes
 
-READ_COLUMNS = ("class_index", "file", "member", "offset", "length", "row_group", "row")
+READ_COLUMNS = ("class_index", "file", "offset", "length", "row_group", "row")  # member: read when first named
 
 
 def source_spec(cfg: RunConfig) -> SourceSpec:
@@ -194,32 +194,44 @@ def open_index(cfg: RunConfig) -> tuple[SourceSpec, Store, dict]:
     return spec, store, build_index(spec, store, plan, cfg.runtime.index_threads)
 
 
-def read_split(store: Store, info: dict, split: str) -> pa.Table:
+def read_split(store: Store, info: dict, split: str, columns=READ_COLUMNS) -> pa.Table:
     """A split's index rows (the columns reading needs), checked against the sha256 in ``index.json``."""
     entry = info["splits"][split]
     data = store.read_bytes(entry["file"])
     if sha256_bytes(data) != entry["sha256"]:
         raise DataError(f"dataset index {store.url(entry['file'])} does not match its index.json (delete "
                         f"{store.uri} to index the source again)")
-    return pq.read_table(io.BytesIO(data), columns=list(READ_COLUMNS), read_dictionary=["file", "member"])
+    return pq.read_table(io.BytesIO(data), columns=list(columns), read_dictionary=["file"])
 
 
 class IndexedSplit(Split):
-    """A split read through the index: any image by position, from a file, a tar byte range or a Parquet row."""
+    """A split read through the index: any image by position, from a file, a tar byte range or a Parquet row.
+    At 11 M images it holds the index's columns as Arrow and NumPy arrays, about 1 GB (no Python object per
+    image); tar member names are read from the index the first time an image is named."""
 
-    def __init__(self, name: str, spec: SourceSpec, table: pa.Table, rows: np.ndarray, num_classes: int,
-                 image_size: int, channels: int, fingerprint: str):
+    def __init__(self, name: str, spec: SourceSpec, table: pa.Table, rows: np.ndarray | None, num_classes: int,
+                 image_size: int, channels: int, fingerprint: str, members=None):
         self.spec = spec
-        self.rows = rows  # positions in the index table
-        self.cols = {c: table.column(c).combine_chunks() for c in READ_COLUMNS if c != "class_index"}
-        self.num = {c: self.cols[c].to_numpy() for c in ("offset", "length", "row_group", "row")}
-        labels = table.column("class_index").to_numpy().astype(np.int64)[rows]
-        super().__init__(name, labels, num_classes, image_size, channels, fingerprint)
+        self.rows = rows  # positions in the index table (None: all of them, in order)
+        self.file = table.column("file")  # dictionary-encoded and chunked: no copy, O(log chunks) access
+        self.num = {c: table.column(c).to_numpy() for c in ("offset", "length", "row_group", "row")}
+        self._members, self._member_source = None, members
+        labels = np.asarray(table.column("class_index").to_numpy(), dtype=np.int64)
+        super().__init__(name, labels if rows is None else labels[rows], num_classes, image_size, channels,
+                         fingerprint)
+
+    def _row(self, i: int) -> int:
+        return int(i) if self.rows is None else int(self.rows[int(i)])
+
+    def _member(self, r: int) -> str:
+        if self._members is None:
+            self._members = self._member_source() if self._member_source else None
+        return self._members[r].as_py() if self._members is not None else ""
 
     def _entry(self, i: int) -> tuple:
-        r = int(self.rows[int(i)])
-        return (self.cols["file"][r].as_py(), self.cols["member"][r].as_py(),
-                *(int(self.num[c][r]) for c in ("offset", "length", "row_group", "row")))
+        r = self._row(i)
+        member = self._member(r) if self.spec.kind == "webdataset" else ""
+        return (self.file[r].as_py(), member, *(int(self.num[c][r]) for c in ("offset", "length", "row_group", "row")))
 
     def source_id(self, i: int) -> str:
         file, member, _, _, row_group, row = self._entry(i)
@@ -232,10 +244,14 @@ class IndexedSplit(Split):
         return self.spec.url(file) + (f":{member}" if member else f"#{row_group}.{row}" if row >= 0 else "")
 
     def read(self, i: int) -> bytes:
-        return read_entry(self.spec, *self._entry(i))
+        r = self._row(i)
+        file = self.file[r].as_py()
+        member = (lambda: self._member(r)) if self.spec.kind == "webdataset" else ""
+        return read_entry(self.spec, file, member, *(int(self.num[c][r]) for c in ("offset", "length", "row_group",
+                                                                                   "row")))
 
     def decoded(self, i: int, reduce=1) -> tuple[torch.Tensor, float]:
-        return decode(self.read(i), self.channels, self.location(i), reduce)
+        return decode(self.read(i), self.channels, lambda: self.location(i), reduce)
 
     def load_sized(self, i: int) -> tuple[tuple[int, int], torch.Tensor]:
         """As :meth:`Split.load_sized`, resized by the decoder (Pillow, uint8) instead of on a float tensor."""
@@ -245,7 +261,7 @@ class IndexedSplit(Split):
             seen.append((h, w))
             return reduction(torch.tensor([[0, 0, min(h, w), min(h, w)]]), size)
 
-        img, _ = decode(self.read(i), self.channels, self.location(i), reduce, size)
+        img, _ = decode(self.read(i), self.channels, lambda: self.location(i), reduce, size)
         return seen[0], img
 
 
@@ -258,10 +274,13 @@ def open_indexed(cfg: RunConfig) -> DataSource:
     for split, name, per_class in (("train", d.train_split, d.train_per_class), ("test", d.test_split,
                                                                                  d.test_per_class)):
         table = read_split(store, info, name)
-        labels = table.column("class_index").to_numpy()
-        rows = slice_per_class(labels, per_class, len(classes))
+        rows = None if per_class is None else slice_per_class(table.column("class_index").to_numpy(), per_class,
+                                                              len(classes))
         fp = hashlib.sha256(f"{info['splits'][name]['sha256']}:{per_class}".encode()).hexdigest()
-        splits[split] = IndexedSplit(split, spec, table, rows, len(classes), cfg.image_size, cfg.channels, fp)
+        members = (lambda name=name: read_split(store, info, name, ["member"]).column("member"))
+        splits[split] = IndexedSplit(split, spec, table, rows, len(classes), cfg.image_size, cfg.channels, fp,
+                                     members if spec.kind == "webdataset" else None)
+        del table
     train, test = splits["train"].class_counts(), splits["test"].class_counts()
     for c, name in enumerate(classes):
         if train[c] == 0 and test[c] > 0:

@@ -22,10 +22,12 @@ ORIENTATION_TAG = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 
-def open_image(data: bytes, name: str):
-    """The Pillow image of ``data`` with only its header read."""
+def open_image(data: bytes, name):
+    """The Pillow image of ``data`` with only its header read. ``name`` (for messages) may be a function that
+    returns it."""
     from PIL import Image, UnidentifiedImageError
 
+    name = _Name(name)
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -55,7 +57,7 @@ def reduction(boxes: torch.Tensor, size: int | tuple[int, int], limit: int = 8) 
     return r
 
 
-def decode(data: bytes, channels: int, name: str, reduce=1, size: int | None = None) -> tuple[torch.Tensor, float]:
+def decode(data: bytes, channels: int, name, reduce=1, size: int | None = None) -> tuple[torch.Tensor, float]:
     """``data`` as uint8 [channels, H, W] and the scale of the result against the full-size image (1.0, or about
     1/``reduce`` when a JPEG was decoded with DCT scaling). ``reduce`` may be a function of the full (height,
     width) as shown, called before decoding. With ``size``, the image is resized (shorter side to ``size``,
@@ -63,6 +65,7 @@ def decode(data: bytes, channels: int, name: str, reduce=1, size: int | None = N
     :func:`ddpipe.data.resize_center` does for tensors, at a fraction of its cost on large images."""
     from PIL import Image, ImageOps
 
+    name = _Name(name)
     im = open_image(data, name)
     if callable(reduce):
         reduce = reduce(*oriented_size(im))
@@ -101,6 +104,16 @@ def decode_jpegs_cuda(datas: list[bytes], device) -> list[torch.Tensor]:
 
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+
+
+class _Name:
+    """A name for messages, computed only when a message needs it."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return str(self.name() if callable(self.name) else self.name)
 
 
 def _first_line(e: Exception) -> str:

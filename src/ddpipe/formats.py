@@ -260,9 +260,13 @@ def _image_column(spec: SourceSpec, pf, rel: str) -> list[str]:
 GROUP_CACHE = 4  # Parquet row groups kept decoded per process
 
 
-def read_entry(spec: SourceSpec, file: str, member: str, offset: int, length: int, row_group: int, row: int) -> bytes:
-    """The bytes of one indexed image; a :class:`DataError` naming the file when it is gone or changed."""
-    where = spec.url(file) + (f":{member}" if member else "")
+def read_entry(spec: SourceSpec, file: str, member, offset: int, length: int, row_group: int, row: int) -> bytes:
+    """The bytes of one indexed image; a :class:`DataError` naming the file when it is gone or changed. ``member``
+    (the tar member's name, for messages) may be a function that returns it."""
+    def where():
+        name = member() if callable(member) else member
+        return spec.url(file) + (f":{name}" if name else "")
+
     try:
         if spec.kind == "parquet":
             return _parquet_value(spec, file, row_group, row)
@@ -275,10 +279,10 @@ def read_entry(spec: SourceSpec, file: str, member: str, offset: int, length: in
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - network, permissions: one line naming the file
-        raise DataError(f"cannot read {where}: {e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:200]}") \
+        raise DataError(f"cannot read {where()}: {e.__class__.__name__}: {(str(e).splitlines() or [''])[0][:200]}") \
             from None
     if len(data) != length:
-        raise DataError(f"{where} changed after it was indexed ({len(data)} bytes, the index says {length})")
+        raise DataError(f"{where()} changed after it was indexed ({len(data)} bytes, the index says {length})")
     return data
 
 
