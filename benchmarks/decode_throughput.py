@@ -126,7 +126,7 @@ def main() -> None:
     import torch
 
     from ddpipe.config import build_config
-    from ddpipe.data import open_source
+    from ddpipe.dataindex import open_source
 
     torch.set_num_threads(1)
     store = tempfile.TemporaryDirectory(prefix="ddpipe-decode-bench-")

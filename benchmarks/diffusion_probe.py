@@ -27,7 +27,8 @@ import torch
 from torchvision.utils import save_image
 
 from ddpipe.config import load_config
-from ddpipe.data import normalize, open_source
+from ddpipe.data import normalize  # noqa: E402
+from ddpipe.dataindex import open_source  # noqa: E402
 from ddpipe.methods.diffusion.denoiser import (
     Space, build_denoiser, clean_estimate, loss_log, noise_scheduler, noised, train_denoiser,
 )

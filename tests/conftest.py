@@ -65,7 +65,7 @@ def session_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_teacher(session_dir):
     """The smoke preset's teacher, trained once for the unit tests: (cfg, source, Teacher)."""
-    from ddpipe.data import open_source
+    from ddpipe.dataindex import open_source
     from ddpipe.teacher import checkpoint_bytes, load_teacher, measure, train_teacher
 
     c = smoke_config(session_dir / "runs")

@@ -49,7 +49,8 @@ def test_seed_for_is_stable():
 
 
 def real_batch(n=8):
-    from ddpipe.data import normalize, open_source
+    from ddpipe.data import normalize
+    from ddpipe.dataindex import open_source
 
     from conftest import smoke_config
 

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from ddpipe.config import build_config
-from ddpipe.data import FASHION_MNIST_CLASSES, find_fashion_mnist, open_source
+from ddpipe.data import FASHION_MNIST_CLASSES, find_fashion_mnist
+from ddpipe.dataindex import open_source
 from ddpipe.errors import DataError, DatasetNotFoundError
 
 

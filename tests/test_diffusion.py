@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpipe.config import DiffusionConfig, RuntimeConfig
-from ddpipe.data import open_source
+from ddpipe.dataindex import open_source
 from ddpipe.errors import ConfigError
 from ddpipe.methods.diffusion.denoiser import (
     Space, UViT, build_denoiser, clean_estimate, ema_decay, noise_scheduler, noised, train_denoiser,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ddpipe.config import load_config
-from ddpipe.data import open_source
+from ddpipe.dataindex import open_source
 from ddpipe.errors import DataError
 from ddpipe.methods.diffusion.denoiser import Space, loss_log, train_denoiser
 from ddpipe.pipeline import run_store

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ddpipe.data import open_source
+from ddpipe.dataindex import open_source
 from ddpipe.methods.selection.coreset import cad_scores, herding, top_k
 from ddpipe.methods.selection.dynamics import checkpoint_steps, dynamics_steps, read_dynamics
 from ddpipe.pipeline import run_store

@@ -21,7 +21,7 @@ from PIL import Image
 from conftest import ROOT
 from ddpipe import formats
 from ddpipe.config import build_config
-from ddpipe.data import open_source
+from ddpipe.dataindex import open_source
 from ddpipe.errors import DataError, DatasetNotFoundError
 
 sys.path.insert(0, str(ROOT / "scripts"))

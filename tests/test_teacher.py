@@ -39,7 +39,7 @@ def test_unreadable_checkpoint_is_named():
 @pytest.mark.fmnist
 def test_teacher_training_is_deterministic(cfg):
     from ddpipe.config import load_config
-    from ddpipe.data import open_source
+    from ddpipe.dataindex import open_source
 
     from conftest import SMOKE
 

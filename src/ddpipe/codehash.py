@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -122,3 +123,10 @@ def code_hash(*functions: Callable) -> str:
 
 
 CODE_VERSION = f"{ddpipe.__version__}+{INSTALLED.hash()}"  # every file of the package (report.json)
+
+
+def shared_key(payload: dict, code: Callable) -> str:
+    """The key of a shared output: a hash of ``payload`` (everything the output depends on, JSON-able) and of the
+    code of ``code``'s module with everything it imports (:func:`code_hash`)."""
+    data = json.dumps({**payload, "code": code_hash(code)}, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:32]

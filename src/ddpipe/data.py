@@ -6,7 +6,8 @@ index in its split; :meth:`Split.source_id` names it for humans (``train/123``, 
 split folder, ``<tar>/<member>`` or ``<parquet>#<row group>.<row>``).
 
 Fashion-MNIST is held in memory (:class:`ArraySplit`). Image folders, WebDataset tars and Parquet shards, on any
-fsspec URL, are read through their index (:mod:`ddpipe.dataindex`, :mod:`ddpipe.formats`). Images are decoded
+fsspec URL, are read through their index (:mod:`ddpipe.dataindex`, :mod:`ddpipe.formats`);
+:func:`ddpipe.dataindex.open_source` opens whichever the config names. Images are decoded
 by :func:`loader`: in the calling process, or by ``runtime.loader_workers`` worker processes that keep
 ``runtime.prefetch`` batches each in flight while the caller computes on the previous ones.
 """
@@ -312,7 +313,8 @@ def slice_per_class(labels: np.ndarray, per_class: int | None, num_classes: int)
     return np.sort(np.concatenate(keep))
 
 
-def _fashion_mnist(cfg: RunConfig) -> DataSource:
+def fashion_mnist(cfg: RunConfig) -> DataSource:
+    """The Fashion-MNIST source of ``cfg`` (its per-class slices), held in memory."""
     folder = find_fashion_mnist(cfg.dataset.root)
     arrays = _fashion_mnist_arrays(str(folder))
     splits = {}
@@ -325,15 +327,6 @@ def _fashion_mnist(cfg: RunConfig) -> DataSource:
         fp = _sha256(f"{h}:{per_class}".encode())
         splits[split] = ArraySplit(split, np.ascontiguousarray(imgs), labels[keep], 10, fp)
     return DataSource("fashion-mnist", list(FASHION_MNIST_CLASSES), splits["train"], splits["test"])
-
-
-def open_source(cfg: RunConfig) -> DataSource:
-    """Open the dataset the config names; raises DatasetNotFoundError / DataError with a one-line message."""
-    if cfg.dataset.kind == "fashion-mnist":
-        return _fashion_mnist(cfg)
-    from ddpipe.dataindex import open_indexed
-
-    return open_indexed(cfg)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

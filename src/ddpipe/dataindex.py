@@ -36,11 +36,11 @@ import pyarrow.parquet as pq
 import torch
 
 from ddpipe.config import RunConfig
-from ddpipe.data import DataSource, Split, slice_per_class
+from ddpipe.data import DataSource, Split, fashion_mnist, slice_per_class
 from ddpipe.decode import decode, reduction
+from ddpipe.codehash import shared_key
 from ddpipe.errors import DataError
 from ddpipe.formats import INDEX_SCHEMA, ShardInfo, SourceSpec, class_names, index_shard, list_shards, read_entry
-from ddpipe.pipeline import shared_key
 from ddpipe.store import Store, sha256_bytes, table_bytes
 
 READ_COLUMNS = ("class_index", "file", "offset", "length", "row_group", "row")  # member: read when first named
@@ -289,3 +289,11 @@ def open_indexed(cfg: RunConfig) -> DataSource:
         if train[c] == 0:
             raise DataError(f"class '{name}' has no images in the {d.train_split} split")
     return DataSource(spec.kind, classes, splits["train"], splits["test"])
+
+
+def open_source(cfg: RunConfig) -> DataSource:
+    """Open the dataset the config names (Fashion-MNIST in memory, any other kind through its index); raises
+    DatasetNotFoundError / DataError with a one-line message."""
+    if cfg.dataset.kind == "fashion-mnist":
+        return fashion_mnist(cfg)
+    return open_indexed(cfg)

@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 from pydantic import BaseModel
 
 from ddpipe import progress
-from ddpipe.codehash import code_hash
+from ddpipe.codehash import code_hash, shared_key  # noqa: F401 - shared_key: where the stages take it from
 from ddpipe.config import RunConfig
 from ddpipe.errors import ValidationError
 from ddpipe.manifests import (
@@ -95,12 +95,6 @@ def run_store(cfg: RunConfig) -> Store:
     return Store(cfg.store.uri, cfg.store.storage_options).child(cfg.run_name)
 
 
-def shared_key(payload: dict, code: Callable) -> str:
-    """The key of a shared output: a hash of ``payload`` (everything the output depends on, JSON-able) and of the
-    code of ``code``'s module with everything it imports (:func:`ddpipe.codehash.code_hash`)."""
-    return sha256_bytes(json.dumps({**payload, "code": code_hash(code)}, sort_keys=True).encode())[:32]
-
-
 def shared_outputs(cfg: RunConfig, kind: str, key: str, compute: Callable[[], dict[str, bytes]]) -> dict[str, bytes]:
     """Outputs shared by every run in the same store (trained teachers, statistic moments), by file name.
 
@@ -145,7 +139,7 @@ class Context:
 
     @property
     def source(self):
-        from ddpipe.data import open_source
+        from ddpipe.dataindex import open_source
 
         return self.cached("source", lambda: open_source(self.cfg))
 
