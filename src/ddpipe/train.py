@@ -125,6 +125,7 @@ def fit_classifier(model: nn.Module, split: Split, indices: np.ndarray, *, batch
     indices = np.asarray(indices)
     while step < total_steps:
         order = indices[torch.randperm(len(indices), generator=gen).numpy()]
+        order = order[: (total_steps - step) * batch_size]  # the last pass ends with the steps: its loader finishes
         for images, labels in split.batches(order, batch_size, runtime, device):
             x = batch_to(aug.views(normalize(images, mean, std)), device, runtime)
             y = labels.to(device)
