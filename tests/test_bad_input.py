@@ -69,8 +69,8 @@ def test_corrupt_image_is_named_and_nothing_is_marked_complete(tmp_path):
     bad = root / "train" / "n00000001" / "img002.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     proc = run(tmp_path, config=folder_config(tmp_path, root))
-    assert_one_line_error(proc, f"cannot read image file {bad}")
-    folder = next((tmp_path / "runs").iterdir())
+    assert_one_line_error(proc, f"cannot read image {bad}")
+    folder = next((tmp_path / "runs").glob("folder-*"))  # the run folder (shared/ holds the dataset index)
     manifests = {p.relative_to(folder).as_posix() for p in (folder / "manifests").rglob("*.parquet")}
     assert manifests == {"manifests/plan.parquet", "manifests/dataset.parquet", "manifests/dataset/dataset.parquet"}
     assert not (folder / "report.json").exists()
