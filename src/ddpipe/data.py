@@ -87,9 +87,12 @@ class Split:
         """The stored bytes of image ``i`` (file-backed splits)."""
         raise NotImplementedError
 
-    def decoded(self, i: int, reduce: int | Callable[[int, int], int] = 1) -> tuple[torch.Tensor, float]:
+    def decoded(self, i: int, reduce: int | Callable[[int, int], int] = 1,
+                size: int | None = None) -> tuple[torch.Tensor, float]:
         """Image ``i`` as uint8 [C, H, W] and its scale against the full size. ``reduce``: a JPEG DCT-scaling
-        factor, or a function of the full (height, width) that returns one (:mod:`ddpipe.decode`)."""
+        factor, or a function of the full (height, width) that returns one (:mod:`ddpipe.decode`). With ``size``:
+        resized (shorter side) and centre-cropped to ``size`` x ``size`` (:func:`resize_center`, or the decoder's
+        own uint8 resize for stored images)."""
         raise NotImplementedError
 
     def image(self, i: int) -> torch.Tensor:
@@ -109,8 +112,8 @@ class Split:
             seen.append((h, w))
             return reduction(torch.tensor([[0, 0, min(h, w), min(h, w)]]), size)
 
-        img, _ = self.decoded(i, reduce)
-        return seen[0], resize_center(img, size)
+        img, _ = self.decoded(i, reduce, size)
+        return seen[0], img
 
     def crops(self, i: int, make_boxes: Callable[[int, int], torch.Tensor],
               size: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,11 +212,11 @@ class ArraySplit(Split):
     def source_id(self, i: int) -> str:
         return f"{self.name}/{int(i)}"
 
-    def decoded(self, i, reduce=1):
+    def decoded(self, i, reduce=1, size=None):
         img = self.images[int(i)]
         if callable(reduce):
             reduce(*img.shape[1:])
-        return img, 1.0
+        return (img if size is None else resize_center(img, size)), 1.0
 
     def batch(self, indices) -> torch.Tensor:
         return self.images[torch.as_tensor(np.asarray(indices), dtype=torch.long)]

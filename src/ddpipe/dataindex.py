@@ -6,7 +6,7 @@ The first run over a source lists it and writes ``<store>/shared/datasets/<key>/
   that shard is indexed; the shard's size and version are in the part's metadata, so an interrupted indexing
   resumes shard by shard and a part is reused only for the very same shard;
 - ``<split>.parquet``: the parts of a split joined in shard order (:data:`~ddpipe.formats.INDEX_SCHEMA`);
-- ``classes.json``: the class list, as soon as the split folders are listed;
+- ``classes.json``: the class list, for the flow's indexing tasks (:func:`index_groups`);
 - ``index.json``, written last: the class list, each split's shard list (path, size, version) and the sha256
   of its joined file. A folder without it is not an index yet.
 
@@ -37,7 +37,7 @@ import torch
 
 from ddpipe.config import RunConfig
 from ddpipe.data import DataSource, Split, fashion_mnist, slice_per_class
-from ddpipe.decode import decode, reduction
+from ddpipe.decode import decode
 from ddpipe.codehash import shared_key
 from ddpipe.errors import DataError
 from ddpipe.formats import INDEX_SCHEMA, ShardInfo, SourceSpec, class_names, index_shard, list_shards, read_entry
@@ -161,6 +161,7 @@ def index_groups(cfg: RunConfig) -> list[list[ShardInfo]]:
     spec, store, plan = _planned(cfg)
     if store.exists("index.json"):
         return []
+    store.write_bytes("classes.json", json.dumps(plan.classes).encode(), if_changed=True)  # for index_group
     shards = [s for split_shards in plan.shards.values() for s in split_shards]
     size = -(-len(shards) // cfg.orchestration.max_shards_per_stage)
     return [shards[k : k + size] for k in range(0, len(shards), size)]
@@ -178,9 +179,7 @@ def _planned(cfg: RunConfig, list_splits: bool = True) -> tuple[SourceSpec, Stor
     store = index_store(cfg, spec)
     if not list_splits and store.exists("classes.json"):
         return spec, store, None
-    plan = plan_index(spec, (d.train_split, d.test_split))
-    store.write_bytes("classes.json", json.dumps(plan.classes).encode(), if_changed=True)
-    return spec, store, plan
+    return spec, store, plan_index(spec, (d.train_split, d.test_split))
 
 
 def open_index(cfg: RunConfig) -> tuple[SourceSpec, Store, dict]:
@@ -228,10 +227,13 @@ class IndexedSplit(Split):
             self._members = self._member_source() if self._member_source else None
         return self._members[r].as_py() if self._members is not None else ""
 
+    def _numbers(self, r: int) -> tuple[int, int, int, int]:
+        return tuple(int(self.num[c][r]) for c in ("offset", "length", "row_group", "row"))
+
     def _entry(self, i: int) -> tuple:
         r = self._row(i)
         member = self._member(r) if self.spec.kind == "webdataset" else ""
-        return (self.file[r].as_py(), member, *(int(self.num[c][r]) for c in ("offset", "length", "row_group", "row")))
+        return (self.file[r].as_py(), member, *self._numbers(r))
 
     def source_id(self, i: int) -> str:
         file, member, _, _, row_group, row = self._entry(i)
@@ -247,22 +249,11 @@ class IndexedSplit(Split):
         r = self._row(i)
         file = self.file[r].as_py()
         member = (lambda: self._member(r)) if self.spec.kind == "webdataset" else ""
-        return read_entry(self.spec, file, member, *(int(self.num[c][r]) for c in ("offset", "length", "row_group",
-                                                                                   "row")))
+        return read_entry(self.spec, file, member, *self._numbers(r))
 
-    def decoded(self, i: int, reduce=1) -> tuple[torch.Tensor, float]:
-        return decode(self.read(i), self.channels, lambda: self.location(i), reduce)
+    def decoded(self, i: int, reduce=1, size: int | None = None) -> tuple[torch.Tensor, float]:
+        return decode(self.read(i), self.channels, lambda: self.location(i), reduce, size)
 
-    def load_sized(self, i: int) -> tuple[tuple[int, int], torch.Tensor]:
-        """As :meth:`Split.load_sized`, resized by the decoder (Pillow, uint8) instead of on a float tensor."""
-        size, seen = self.image_size, []
-
-        def reduce(h, w):
-            seen.append((h, w))
-            return reduction(torch.tensor([[0, 0, min(h, w), min(h, w)]]), size)
-
-        img, _ = decode(self.read(i), self.channels, lambda: self.location(i), reduce, size)
-        return seen[0], img
 
 
 def open_indexed(cfg: RunConfig) -> DataSource:
