@@ -135,6 +135,28 @@ def test_loader_worker_errors_arrive_as_one_line(shaped, tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_loader_workers_do_not_run_the_parents_exit_hooks(shaped, tmp_path):
+    """Prefect registers ``threading`` exit hooks that fail in a forked child: a loader worker ran them on exit
+    and died with exit code 1 under the Prefect engine. A hook registered here would leave a file per worker."""
+    import os
+    import threading
+
+    src = open_source(config(shaped / "webdataset", "webdataset", tmp_path / "store"))
+    runtime = build_config({"name": "r", "runtime": {"loader_workers": 2}}).runtime
+    parent = os.getpid()
+
+    def hook():
+        if os.getpid() != parent:
+            (tmp_path / f"hook-ran-in-{os.getpid()}").touch()
+
+    threading._register_atexit(hook)
+    try:
+        assert sum(len(x) for x, _ in src.train.batches(np.arange(24), 5, runtime)) == 24
+    finally:
+        threading._threading_atexits[:] = [c for c in threading._threading_atexits if c.func is not hook]
+    assert not list(tmp_path.glob("hook-ran-in-*"))
+
+
 def _write_tar(path, members: dict[str, bytes]):
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -176,6 +177,13 @@ class _Items(torch.utils.data.Dataset):
             return _Failed(e.__class__, str(e))
 
 
+def _forget_parent_exit_hooks(_worker_id: int) -> None:
+    """A forked loader worker must not run the exit hooks its parent registered with ``threading``: Prefect's
+    log and event services register one that, after a fork, asserts and turns the worker's clean exit into exit
+    code 1 ("DataLoader worker exited unexpectedly" under the Prefect engine)."""
+    getattr(threading, "_threading_atexits", []).clear()
+
+
 @dataclass
 class _Failed:
     kind: type
@@ -193,7 +201,7 @@ def loader(items, fn: Callable, batch_size: int, runtime=None) -> Iterator[list]
         return
     batches = torch.utils.data.DataLoader(
         _Items(items, fn), batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=list,
-        prefetch_factor=runtime.prefetch,
+        prefetch_factor=runtime.prefetch, worker_init_fn=_forget_parent_exit_hooks,
     )
     for batch in batches:
         for out in batch:
