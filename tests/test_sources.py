@@ -123,6 +123,25 @@ def test_loader_workers_and_reduced_decoding(shaped, tmp_path):
     assert torch.equal(boxes, box) and 0 < diff < 6
 
 
+def test_crops_reaching_the_edge_of_a_dct_reduced_decode():
+    """DCT scaling rounds each side up (489 x 358 at 1/2 is 245 x 179): a box to the bottom edge must still fit.
+    Pillow's crops from a reduced decode stay close to crops cut from the full-size tensor."""
+    from ddpipe.augment import crop_resize
+    from ddpipe.decode import decode, decode_crops, reduction
+
+    yy, xx = np.mgrid[0:358, 0:489]
+    rgb = np.stack([(xx * 255 // 488), (yy * 255 // 357), ((xx + yy) % 256)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=95)
+    boxes = torch.tensor([[0, 48, 358, 358], [0, 0, 358, 489], [100, 200, 250, 280]])
+    assert reduction(boxes, 112) == 2
+    got_boxes, crops = decode_crops(buf.getvalue(), 3, "edge.jpg", lambda h, w: boxes, 112)
+    assert torch.equal(got_boxes, boxes) and crops.shape == (3, 3, 112, 112) and crops.dtype == torch.uint8
+    full, _ = decode(buf.getvalue(), 3, "edge.jpg")
+    ref = crop_resize(full[None].float(), boxes, 112, torch.zeros(3, dtype=torch.int64))
+    assert (crops.float() - ref).abs().mean() < 4
+
+
 def test_loader_worker_errors_arrive_as_one_line(shaped, tmp_path):
     root = copy(shaped, tmp_path, "image-folder")
     bad = root / "train" / "n00000001" / "n00000001_000002.JPEG"

@@ -342,8 +342,9 @@ def fashion_mnist(cfg: RunConfig) -> DataSource:
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 [B,C,H,W] (or float in [0,1]) to normalised float32."""
-    if x.dtype == torch.uint8:
+    owned = x.dtype == torch.uint8
+    if owned:
         x = x.float().div_(255)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+    return x.sub_(m).div_(s) if owned else (x - m) / s  # in place on a tensor made here: same values

@@ -37,7 +37,7 @@ import torch
 
 from ddpipe.config import RunConfig
 from ddpipe.data import DataSource, Split, fashion_mnist, slice_per_class
-from ddpipe.decode import decode
+from ddpipe.decode import decode, decode_crops
 from ddpipe.codehash import shared_key
 from ddpipe.errors import DataError
 from ddpipe.formats import INDEX_SCHEMA, ShardInfo, SourceSpec, class_names, index_shard, list_shards, read_entry
@@ -253,6 +253,10 @@ class IndexedSplit(Split):
 
     def decoded(self, i: int, reduce=1, size: int | None = None) -> tuple[torch.Tensor, float]:
         return decode(self.read(i), self.channels, lambda: self.location(i), reduce, size)
+
+    def crops(self, i: int, make_boxes, size) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`Split.crops`, each crop resized by Pillow from the decoded image (:func:`decode_crops`)."""
+        return decode_crops(self.read(i), self.channels, lambda: self.location(i), make_boxes, size)
 
 
 

@@ -63,9 +63,59 @@ def decode(data: bytes, channels: int, name, reduce=1, size: int | None = None) 
     width) as shown, called before decoding. With ``size``, the image is resized (shorter side to ``size``,
     Pillow's antialiased bilinear on uint8) and centre-cropped to ``size`` x ``size`` on the way: as
     :func:`ddpipe.data.resize_center` does for tensors, at a fraction of its cost on large images."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     name = _Name(name)
+    im, scale = _shown(data, channels, name, reduce)
+    try:
+        if size is not None and im.size != (size, size):
+            w, h = im.size
+            nw, nh = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
+        return _tensor(np.asarray(im, dtype=np.uint8)), scale
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+
+
+def decode_crops(data: bytes, channels: int, name, make_boxes, size: int | tuple[int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes ``make_boxes(height, width)`` (int64 [K, 4] top, left, h, w in the full-size image as shown) and the
+    uint8 crops [K, channels, *size] they cut, each resized by Pillow straight from its box (antialiased bilinear
+    on uint8, the box in sub-pixel coordinates). The JPEG is decoded at the smallest DCT scale that keeps every
+    box at least ``size`` (:func:`reduction`): a crop costs a fraction of cutting it from a float tensor."""
+    from PIL import Image
+
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    made = []
+
+    def reduce(h, w):
+        made.append((h, w, make_boxes(h, w)))
+        return reduction(made[0][2], size)
+
+    name = _Name(name)
+    im, _ = _shown(data, channels, name, reduce)
+    full_h, full_w, boxes = made[0]
+    sx, sy = im.width / full_w, im.height / full_h  # per axis: DCT scaling rounds each side up
+
+    def box(top, left, h, w):
+        return left * sx, top * sy, min((left + w) * sx, im.width), min((top + h) * sy, im.height)
+
+    try:
+        crops = [np.asarray(im.resize((out_w, out_h), Image.BILINEAR, box=box(*b)), dtype=np.uint8)
+                 for b in boxes.tolist()]
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+    if not crops:
+        return boxes, torch.zeros(0, channels, out_h, out_w, dtype=torch.uint8)
+    return boxes, torch.stack([_tensor(c) for c in crops])
+
+
+def _shown(data: bytes, channels: int, name: _Name, reduce):
+    """The decoded Pillow image as shown (EXIF orientation applied) in the run's mode ("L" or "RGB"; alpha over
+    white), and its scale against the full size."""
+    from PIL import Image, ImageOps
+
     im = open_image(data, name)
     if callable(reduce):
         reduce = reduce(*oriented_size(im))
@@ -79,18 +129,15 @@ def decode(data: bytes, channels: int, name, reduce=1, size: int | None = None) 
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        im = im.convert("L" if channels == 1 else "RGB")
-        if size is not None and im.size != (size, size):
-            w, h = im.size
-            nw, nh = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)
+        return im.convert("L" if channels == 1 else "RGB"), scale
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), scale
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 def is_jpeg(data: bytes) -> bool:

@@ -64,33 +64,56 @@ def cut(split: Split, source_indices, boxes: torch.Tensor, size, runtime: Runtim
     return torch.cat(crops)
 
 
-def scoring_inputs(patches: torch.Tensor, patch_view: str, fmt: InputFormat) -> torch.Tensor:
+def scoring_inputs(patches: torch.Tensor, patch_view: str, fmt: InputFormat,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised teacher inputs for uint8 patches smaller than the input: zero-padded and centred
-    (``method.patch_view: pad``, the reference code) or upsampled (``resize``) to the input size."""
+    (``method.patch_view: pad``, the reference code) or upsampled (``resize``) to the input size. ``out``, a
+    float buffer [>= B, C, size, size] with a zero border, receives the padded view in place (no new allocation:
+    a batch of 224 px float inputs is tens of MB)."""
     mean, std, size = fmt.mean, fmt.std, fmt.size
     if patches.shape[-1] == size:
         return normalize(patches, mean, std)
     if patch_view == "resize":
         return normalize(F.interpolate(patches.float(), size=(size, size), mode="bilinear", align_corners=False) / 255.0,
                          mean, std)
-    x = normalize(patches, mean, std)
-    pad = size - x.shape[-1]
-    return F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    p = patches.shape[-1]
+    o = (size - p) // 2
+    if out is None:
+        return F.pad(normalize(patches, mean, std), (o, size - p - o, o, size - p - o))
+    view = out[: len(patches)]
+    view[:, :, o : o + p, o : o + p] = normalize(patches, mean, std)
+    return view
 
 
 @torch.no_grad()
-def crop_losses(teacher: Teacher, inputs: torch.Tensor, target: int, batch_size: int, device,
-                runtime: RuntimeConfig) -> torch.Tensor:
-    """Teacher cross-entropy of each input against class ``target`` (float32, CPU)."""
+def crop_losses(teacher: Teacher, patches: torch.Tensor, target: int, m: MethodConfig, fmt: InputFormat, device,
+                runtime: RuntimeConfig, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher cross-entropy against class ``target`` (float32, CPU) of the scoring view
+    (:func:`scoring_inputs`) of each uint8 patch, in batches of ``method.batch_size``. The views are made where
+    the teacher runs (on a GPU, only the uint8 patches cross the bus); on the CPU in ``buffer`` when given
+    (:func:`scoring_buffer`)."""
     out = []
-    bs = batch_size
-    for s in range(0, len(inputs), bs):
-        x = batch_to(inputs[s : s + bs], device, runtime)
+    bs = m.batch_size
+    for s in range(0, len(patches), bs):
+        x = patches[s : s + bs]
+        if torch.device(device).type == "cpu":
+            x = scoring_inputs(x, m.patch_view, fmt, buffer)
+        else:
+            x = scoring_inputs(x.to(device, non_blocking=True), m.patch_view, fmt)
+        x = batch_to(x, device, runtime)
         with autocast(device, runtime):
             logits = teacher.model(x).float()
         y = torch.full((len(x),), target, device=logits.device)
         out.append(F.cross_entropy(logits, y, reduction="none").cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def scoring_buffer(m: MethodConfig, fmt: InputFormat, channels: int, patch: int, device) -> torch.Tensor | None:
+    """The reusable CPU buffer of :func:`crop_losses` for padded views of ``patch`` px patches (None where
+    there is nothing to pad, or the teacher is not on the CPU)."""
+    if torch.device(device).type != "cpu" or m.patch_view != "pad" or patch == fmt.size:
+        return None
+    return torch.zeros(m.batch_size, channels, fmt.size, fmt.size)
 
 
 def draw_candidates(split: Split, c: int, m: MethodConfig, factor: int, gen: torch.Generator,
@@ -133,13 +156,13 @@ def score_classes(teacher: Teacher, split: Split, plans: list[tuple[int, np.ndar
 
     items = [(ci, j) for ci, (_, candidates, _) in enumerate(plans) for j in range(len(candidates))]
     current, boxes, queue, losses = 0, [], [], []
+    buffer = scoring_buffer(m, fmt, split.channels, fmt.size // factor, device)
 
     def forward(everything: bool):
         x = torch.cat(queue) if queue else torch.empty(0)
         n = len(x) if everything else len(x) // bs * bs
         if n:
-            losses.append(crop_losses(teacher, scoring_inputs(x[:n], m.patch_view, fmt), plans[current][0], bs,
-                                      device, runtime))
+            losses.append(crop_losses(teacher, x[:n], plans[current][0], m, fmt, device, runtime, buffer))
         queue[:] = [x[n:]] if n < len(x) else []
 
     def finish():
