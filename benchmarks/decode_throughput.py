@@ -210,7 +210,7 @@ def run_rded(cfg, source, args, rows) -> tuple[float, float]:
     from ddpipe.augment import boxes_from_draws, generator
     from ddpipe.decode import reduction
     from ddpipe.methods import rded
-    from ddpipe.models import ModelSpec, build_model
+    from ddpipe.models import ModelSpec
     from ddpipe.teacher import Teacher
 
     split, m, fmt, device = source.train, cfg.method, cfg.input_format, torch.device("cpu")
