@@ -19,7 +19,6 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ddpipe.errors import DDPipeError
@@ -143,7 +142,7 @@ def cmd_status(args) -> int:
     if store.exists("report.json"):
         from ddpipe.report import results_table
 
-        print(results_table(json.loads(store.read_bytes("report.json"))))
+        print(results_table(store.read_json("report.json")))
     return 0
 
 

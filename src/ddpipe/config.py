@@ -38,7 +38,7 @@ _SECRETS = {"dataset": {"storage_options"}}  # fields that never enter a hash (c
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class OptimConfig(_Section):
@@ -484,7 +484,8 @@ class OrchestrationConfig(_Section):
 class RuntimeConfig(_Section):
     """Devices and numeric settings; never part of the run hash."""
 
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+                        description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
     amp: bool = Field(False, description="Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.")
     channels_last: bool = Field(False, description="Use the channels_last memory format for the networks.")
     compile: bool = Field(
@@ -537,8 +538,12 @@ class RunConfig(_Section):
             raise ValueError(f"dataset.image_size is required for {d.kind} datasets")
         if d.kind == "fashion-mnist" and d.image_size not in (None, 28):
             raise ValueError("dataset.image_size must be 28 for fashion-mnist")
-        if d.mean is not None and d.std is not None and len(d.mean) != len(d.std):
-            raise ValueError("dataset.mean and dataset.std must have the same length")
+        for field in ("mean", "std"):
+            values = getattr(d, field)
+            if values is not None and len(values) != self.channels:
+                raise ValueError(f"dataset.{field} has {len(values)} values for {self.channels} channel(s)")
+            if field == "std" and values is not None and min(values) <= 0:
+                raise ValueError("dataset.std must be positive")
         if self.method.factor is not None and self.method.factor > self.image_size:
             raise ValueError("method.factor cannot exceed the image size")
         need = self.patches_per_class
@@ -632,6 +637,10 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _describe_error(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
@@ -651,9 +660,11 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override '{assignment}' must look like key=value")
     key, raw = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
+    parts = key.strip().split(".")
+    if not key.strip():
         raise ConfigError(f"override '{assignment}' has an empty key")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"override '{assignment}': the key '{key.strip()}' has an empty part")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
@@ -695,9 +706,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(str(e))}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = data.pop("base", None)

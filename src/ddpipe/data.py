@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import threading
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -273,8 +274,8 @@ def _read_idx(path: Path) -> tuple[np.ndarray, str]:
     try:
         raw = path.read_bytes()
         data = gzip.decompress(raw) if path.suffix == ".gz" else raw
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"cannot read IDX file {path}: {e}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"cannot read IDX file {path}: {e.__class__.__name__}: {e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise DataError(f"IDX file {path} has a bad header (not unsigned-byte IDX data)")
     ndim = data[3]
@@ -298,19 +299,32 @@ def find_fashion_mnist(root: str | None) -> Path:
     raise DatasetNotFoundError(f"Fashion-MNIST IDX files not found (looked in {', '.join(tried)}); {FASHION_MNIST_HINT}")
 
 
+def _idx_path(folder: str, name: str) -> Path:
+    path = Path(folder) / name
+    return path if path.is_file() else Path(folder) / f"{name}.gz"
+
+
 @lru_cache(maxsize=4)
 def _fashion_mnist_arrays(folder: str) -> dict:
     out = {}
     for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
         arrays = []
         for name in (img_name, lbl_name):
-            path = Path(folder) / name
-            if not path.is_file():
-                path = Path(folder) / f"{name}.gz"
+            path = _idx_path(folder, name)
             if not path.is_file():
                 raise DatasetNotFoundError(f"Fashion-MNIST file {name}[.gz] missing in {folder}; {FASHION_MNIST_HINT}")
             arrays.append(_read_idx(path))
         (images, h_img), (labels, h_lbl) = arrays
+        img_path, lbl_path = (_idx_path(folder, name) for name in (img_name, lbl_name))
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DataError(f"IDX file {img_path} holds images of shape {list(images.shape[1:])}; Fashion-MNIST "
+                            f"(dataset.image_size 28) needs 28 x 28")
+        if labels.ndim != 1:
+            raise DataError(f"IDX file {lbl_path} holds labels of shape {list(labels.shape)}; expected one label per image")
+        if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            k = int(np.argmax(labels >= len(FASHION_MNIST_CLASSES)))
+            raise DataError(f"IDX file {lbl_path}: label {int(labels[k])} of image {k} is outside the "
+                            f"{len(FASHION_MNIST_CLASSES)} Fashion-MNIST classes (0-{len(FASHION_MNIST_CLASSES) - 1})")
         if images.shape[0] != labels.shape[0]:
             raise DataError(f"Fashion-MNIST {split} split in {folder}: {images.shape[0]} images but {labels.shape[0]} labels")
         out[split] = (images, labels.astype(np.int64), h_img + h_lbl)

@@ -170,7 +170,7 @@ def index_groups(cfg: RunConfig) -> list[list[ShardInfo]]:
 def index_group(cfg: RunConfig, shards: list[ShardInfo]) -> int:
     """Index ``shards`` (one group of :func:`index_groups`), reusing parts already done; their row count."""
     spec, store, plan = _planned(cfg, list_splits=False)
-    classes = plan.classes if plan else json.loads(store.read_bytes("classes.json"))
+    classes = plan.classes if plan else store.read_json("classes.json")
     return sum(index_part(spec, store, s, classes) for s in shards)
 
 
@@ -187,7 +187,7 @@ def open_index(cfg: RunConfig) -> tuple[SourceSpec, Store, dict]:
     that changed since."""
     spec, store, plan = _planned(cfg)
     if store.exists("index.json"):
-        info = json.loads(store.read_bytes("index.json"))
+        info = store.read_json("index.json")
         check_unchanged(spec, store, info, plan)
         return spec, store, info
     return spec, store, build_index(spec, store, plan, cfg.runtime.index_threads)

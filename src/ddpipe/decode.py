@@ -30,6 +30,8 @@ def open_image(data: bytes, name):
     name = _Name(name)
     try:
         return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {name} is too large to decode: {_first_line(e)}") from None
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {name} (not an image, or a format Pillow does not know)") from None
     except (OSError, ValueError) as e:

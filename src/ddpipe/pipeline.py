@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from ddpipe import progress
 from ddpipe.codehash import code_hash, shared_key  # noqa: F401 - shared_key: where the stages take it from
 from ddpipe.config import RunConfig
-from ddpipe.errors import ValidationError
+from ddpipe.errors import StoreError, ValidationError
 from ddpipe.manifests import (
     ShardResult, StageManifest, files_of, parse_record, plan_table, record_path, records_table, shard_result,
     stage_path, write_stage_manifest,
@@ -105,7 +105,7 @@ def shared_outputs(cfg: RunConfig, kind: str, key: str, compute: Callable[[], di
     """
     shared = Store(cfg.store.uri, cfg.store.storage_options).child(f"shared/{kind}/{key}")
     if shared.exists("index.json"):
-        index = json.loads(shared.read_bytes("index.json"))
+        index = shared.read_json("index.json")
         found = {name: _read(shared, name) for name in index}
         if all(data is not None and sha256_bytes(data) == index[name] for name, data in found.items()):
             return found
@@ -259,7 +259,10 @@ def prepare(ctx: Context) -> str:
     ctx.store.check_writable()
     ctx.store.write_bytes("config.yaml", ctx.cfg.to_yaml().encode(), if_changed=True)
     if ctx.store.exists("run.json"):
-        return json.loads(ctx.store.read_bytes("run.json"))["token"]
+        info = ctx.store.read_json("run.json")
+        if not isinstance(info, dict) or not isinstance(info.get("token"), str):
+            raise StoreError(f"{ctx.store.url('run.json')} holds no run token; it was overwritten")
+        return info["token"]
     token = uuid.uuid4().hex
     ctx.store.write_bytes("run.json", json.dumps({"run": ctx.cfg.run_name, "token": token}).encode())
     return token

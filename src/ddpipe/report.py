@@ -48,7 +48,7 @@ GRID_CLASSES, GRID_IMAGES = 20, 10  # distilled/grid.png shows at most this many
 
 def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dict[str, float]) -> dict:
     cfg, store = ctx.cfg, ctx.store
-    results = [json.loads(store.read_bytes(f.path)) for f in stage_files(store, manifests["evaluation"])]
+    results = [store.read_json(f.path) for f in stage_files(store, manifests["evaluation"])]
     regimes = regime_results(results, cfg.evaluation.regimes, student=0)
     cross = [{"model": spec.model_dump(mode="json"), "regimes": regime_results(results, cfg.evaluation.regimes, k)}
              for k, spec in enumerate(student_models(cfg)) if k > 0]
@@ -56,8 +56,8 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
     label_bytes = sum(f.bytes for f in label_files)
     num_classes = store.read_table("dataset/classes.parquet").num_rows
     n_images = cfg.method.ipc * num_classes
-    teacher = json.loads(store.read_bytes("teacher/metrics.json"))
-    ensemble = [json.loads(store.read_bytes(f"teacher/member{k}.json")) for k in range(1, len(cfg.teacher_models))]
+    teacher = store.read_json("teacher/metrics.json")
+    ensemble = [store.read_json(f"teacher/member{k}.json") for k in range(1, len(cfg.teacher_models))]
     return {
         "run": cfg.run_name,
         "run_uri": store.uri,
@@ -91,11 +91,11 @@ def generation_summary(store, manifests: dict[str, StageManifest]) -> dict | Non
     """The diffusion method's generated pool: quality.json plus the sampling speed over every generation shard."""
     if "quality" not in manifests:
         return None
-    shards = [json.loads(store.read_bytes(f.path)) for f in stage_files(store, manifests["generation"])
+    shards = [store.read_json(f.path) for f in stage_files(store, manifests["generation"])
               if f.path.startswith("generation/") and f.path.endswith(".json")]
     seconds = sum(s["seconds"] for s in shards)
     images = sum(sum(s["images"].values()) for s in shards)
-    return {**json.loads(store.read_bytes("generation/quality.json")), "sampling_seconds": round(seconds, 3),
+    return {**store.read_json("generation/quality.json"), "sampling_seconds": round(seconds, 3),
             "images_per_second": round(images / max(seconds, 1e-9), 3)}
 
 

@@ -38,11 +38,13 @@ def stages_for(cfg: RunConfig) -> list[Stage]:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """The checks that need no teacher: store writable, data present and big enough, checkpoint class map.
+    """The checks that need no teacher: device present, store writable, data present and big enough, checkpoint
+    class map.
 
     The stages repeat them where they matter; this runs them up front so a bad input fails in a second.
     """
     ctx = context_for(cfg)
+    ctx.device  # a device this machine lacks is refused here
     ctx.store.check_writable()
     check_class_sizes(cfg.method.ipc, cfg.patches_per_class, cfg.factor, ctx.source)
     check_teacher_checkpoint(cfg, ctx.source.classes)

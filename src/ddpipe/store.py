@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import uuid
 from typing import Any
@@ -152,7 +153,20 @@ class Store:
             raise StoreError(f"cannot read {self.url(rel)}: {e}") from None
 
     def read_table(self, rel: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(rel)))
+        data = self.read_bytes(rel)
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise StoreError(f"{self.url(rel)} is not a readable Parquet file ({e.__class__.__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:160]}); it was cut short or overwritten") from None
+
+    def read_json(self, rel: str) -> Any:
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreError(f"{self.url(rel)} is not valid JSON ({e.__class__.__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:160]}); it was cut short or overwritten") from None
 
     def exists(self, rel: str) -> bool:
         try:

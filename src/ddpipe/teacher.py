@@ -21,6 +21,7 @@ from typing import Callable
 import fsspec
 import numpy as np
 import torch
+from pydantic import ValidationError as PydanticValidationError
 from torch import nn
 
 from ddpipe import progress
@@ -87,9 +88,35 @@ def checkpoint_bytes(model: nn.Module, fmt: InputFormat, source: DataSource, spe
 
 
 def read_checkpoint(data: bytes, name: str) -> dict:
+    """The payload of a teacher checkpoint, every field checked (a CheckpointError names the first bad one)."""
     payload = torch_object(data, f"teacher checkpoint {name}")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"teacher checkpoint {name} is not a ddpipe teacher checkpoint ({CHECKPOINT_FORMAT})")
+
+    def bad(field: str, what: str):
+        raise CheckpointError(f"teacher checkpoint {name}: field '{field}' {what}")
+
+    classes = payload.get("classes")
+    if not isinstance(classes, (list, tuple)) or not classes or not all(isinstance(c, str) for c in classes):
+        bad("classes", "must list the class names it was trained on")
+    for field in ("image_size", "channels"):
+        if not isinstance(payload.get(field), int) or isinstance(payload.get(field), bool) or payload[field] < 1:
+            bad(field, "must be a positive integer")
+    for field in ("mean", "std"):
+        values = payload.get(field)
+        if (not isinstance(values, (list, tuple)) or len(values) != payload["channels"]
+                or not all(isinstance(v, (int, float)) for v in values)):
+            bad(field, f"must hold {payload['channels']} number(s), one per channel")
+    if not isinstance(payload.get("val_accuracy"), (int, float)):
+        bad("val_accuracy", "must be a number")
+    if not isinstance(payload.get("state_dict"), dict):
+        bad("state_dict", "must hold the model's weights")
+    try:
+        ModelSpec.model_validate(payload.get("model"))
+    except PydanticValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        bad("model", f"is not a valid model spec ({where + ': ' if where else ''}{first['msg']})")
     return payload
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ddpipe.config import AugmentConfig, OptimConfig, RuntimeConfig
 from ddpipe.data import Split, normalize
+from ddpipe.errors import ConfigError
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -23,7 +24,16 @@ def resolve_device(spec: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(spec)
+    device = torch.device(spec)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"runtime.device={spec}: torch sees no CUDA device on this machine (use auto or cpu)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"runtime.device={spec}: this machine has {count} CUDA device(s)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"runtime.device={spec}: MPS is not available on this machine (use auto or cpu)")
+    return device
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:
