@@ -114,6 +114,10 @@ class DatasetConfig(_Section):
         None, ge=1, description="Keep only the first N training images of each class (a slice for quick runs)."
     )
     test_per_class: int | None = Field(None, ge=1, description="Keep only the first N test images of each class.")
+    flip: bool = Field(
+        True, description="Mirrored images keep their class. false (digits, text, ...): no stage flips images; the "
+        "teacher, student and recovery flips default to off, and turning one on is refused.",
+    )
 
 
 class TeacherConfig(_Section):
@@ -321,14 +325,19 @@ class MethodConfig(_Section):
     candidates_per_class: int = Field(
         300, ge=1, description="|T'_c|: images drawn at random per class before scoring (paper: 300)."
     )
-    crops_per_image: int = Field(5, ge=1, description="K: random-resized crops scored per candidate image (paper: 5).")
+    crops_per_image: int = Field(
+        5, ge=1, description="K: random-resized crops scored per candidate image (paper: 5). Default: 1 where "
+        "crop_scale's default scores whole images, else 5."
+    )
     factor: int | None = Field(
         None,
         ge=1,
         description="Patches per side of a distilled image (N = factor^2). Default: 1 for images <= 64 px, else 2.",
     )
     crop_scale: tuple[float, float] = Field(
-        (0.08, 1.0), description="Area range of the scored random-resized crops (square crops, as the reference code)."
+        (0.08, 1.0), description="Area range of the scored random-resized crops (square crops, as the reference code). "
+        "Default: [1, 1] (whole images, as the Fashion-MNIST presets found) at factor 1 on images of 64 px or less; "
+        "else [0.08, 1], ImageNet's setting for patches stitched into 224 px images."
     )
     patch_view: Literal["pad", "resize"] = Field(
         "pad", description="How the teacher sees a patch smaller than its input when scoring: pad (zero-padded, "
@@ -531,6 +540,15 @@ class RunConfig(_Section):
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig, description="Sharding.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Device and threads.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _data_defaults(cls, data):
+        """The defaults that depend on the data, filled in where the config leaves them out, before validation
+        (so that every stage, and the run hash, sees the values used)."""
+        if not isinstance(data, dict):
+            return data
+        return _flip_defaults(_crop_defaults(data))
+
     @model_validator(mode="after")
     def _consistent(self):
         d = self.dataset
@@ -635,6 +653,59 @@ class RunConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+WHOLE_IMAGE_MAX_SIZE = 64  # at factor 1, RDED scores whole images of this size or less by default
+
+
+def _crop_defaults(data: dict) -> dict:
+    """method.crop_scale and crops_per_image where absent: whole images (one crop each) at factor 1 on images of
+    WHOLE_IMAGE_MAX_SIZE px or less, where a random crop of a small image is a fragment the teacher scores as
+    "realistic" (the stroke of a 1); ImageNet's (0.08, 1) and 5 crops otherwise."""
+    dataset, method = data.get("dataset") or {}, data.get("method") or {}
+    if not isinstance(dataset, dict) or not isinstance(method, dict):
+        return data
+    entry = METHODS.get(method.get("name", "rded")) if isinstance(method.get("name", "rded"), str) else None
+    if entry is None or not entry.stitches:
+        return data  # the settings of scoring crops; an unknown name is named by field validation
+    size = dataset.get("image_size") or (28 if dataset.get("kind", "fashion-mnist") == "fashion-mnist" else None)
+    factor = method.get("factor")
+    if not isinstance(size, int) or not (factor is None or isinstance(factor, int)):
+        return data  # field validation names the problem
+    factor = factor or (1 if size <= WHOLE_IMAGE_MAX_SIZE else 2)
+    whole = factor == 1 and size <= WHOLE_IMAGE_MAX_SIZE
+    method = dict(method)
+    if method.get("crop_scale") is None:
+        method["crop_scale"] = [1.0, 1.0] if whole else [0.08, 1.0]
+        if method.get("crops_per_image") is None:
+            method["crops_per_image"] = 1 if whole else 5
+    return {**data, "method": method}
+
+
+# Where a run flips images: (section, field) paths of the flip switches and the default of the section they sit in.
+_FLIPS = (("teacher", "augment"), ("evaluation", "augment"), ("method", "recovery"))
+
+
+def _flip_defaults(data: dict) -> dict:
+    """With dataset.flip false, every flip switch defaults to off and an explicit ``flip: true`` is refused."""
+    dataset = data.get("dataset") or {}
+    if not isinstance(dataset, dict) or dataset.get("flip") is not False:
+        return data
+    data = dict(data)
+    for outer, inner in _FLIPS:
+        section = data.get(outer) or {}
+        if not isinstance(section, dict):
+            return data  # field validation names the problem
+        owner = {"teacher": TeacherConfig, "evaluation": EvaluationConfig, "method": MethodConfig}[outer]
+        sub = section.get(inner)
+        if isinstance(sub, dict) and sub.get("flip") is True:
+            raise ValueError(f"{outer}.{inner}.flip is true but dataset.flip is false (mirroring changes the class)")
+        if sub is None:  # the section's own default (a factory may differ from the class defaults)
+            sub = owner.model_fields[inner].get_default(call_default_factory=True).model_dump(mode="json")
+        if not isinstance(sub, dict):
+            return data
+        data[outer] = {**section, inner: {**sub, "flip": False}}
+    return data
 
 
 def _one_line(text: str) -> str:

@@ -76,6 +76,7 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
             "bytes": label_bytes, "bytes_per_image": label_bytes / max(1, n_images),
         },
         "regimes": regimes,
+        "warnings": far_below_random(regimes),
         "scores": scores(regimes),
         "cross_architecture": cross,
         "generation": generation_summary(store, manifests),
@@ -119,6 +120,18 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
         entry["improvement_over_random"] = None if d is None or r is None else d - r
         out[regime] = entry
     return out
+
+
+FAR_BELOW_RANDOM = 0.03  # a distilled set this far below its random subset (3 points) is flagged
+
+
+def far_below_random(regimes: dict) -> list[str]:
+    """A warning per regime whose distilled set is more than FAR_BELOW_RANDOM below its random subset: the
+    method's defaults probably do not fit the data."""
+    return [f"the distilled set is {100 * -e['improvement_over_random']:.1f} points below its random subset in "
+            f"the {regime} regime: check that the method's settings fit this data"
+            for regime, e in regimes.items()
+            if e["improvement_over_random"] is not None and e["improvement_over_random"] < -FAR_BELOW_RANDOM]
 
 
 def scores(regimes: dict) -> dict:
@@ -192,6 +205,7 @@ def results_table(report: dict) -> str:
         lines.append(f"full training set, hard labels, same budget: {cell(hard['full']).strip()}   "
                      f"HLR {delta(hlr).strip()}   LRS " + "  ".join(
                          f"{r} {v:.3f}" for r, v in report["scores"]["label_robust_score"].items() if v is not None))
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     g = report.get("generation")
     if g:
         lines.append(f"generated pool: {g['generated_images']} images at {g['images_per_second']:.2f}/s, teacher "
