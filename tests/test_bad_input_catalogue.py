@@ -170,6 +170,8 @@ for name, assignment, fragments in [
     ("zero-batch", "teacher.batch_size=0", ("teacher.batch_size",)),
     ("negative-label-smoothing", "teacher.label_smoothing=-0.1", ("teacher.label_smoothing",)),
     ("storage-options-not-a-mapping", "store.storage_options=3", ("store.storage_options",)),
+    ("flip-against-the-data", ("dataset.flip=false", "teacher.augment={flip: true}"),
+     ("teacher.augment.flip is true but dataset.flip is false",)),
 ]:
     case(f"field-{name}", *fragments)(override(*([assignment] if isinstance(assignment, str) else assignment)))
 

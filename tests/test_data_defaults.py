@@ -28,6 +28,7 @@ def test_rded_crop_defaults_follow_the_image_size(size, factor, scale, crops):
     dataset = {"kind": "image-folder", "root": "/data", "image_size": size}
     cfg = build_config({"name": "x", "dataset": dataset, "method": {"name": "rded", "factor": factor}})
     assert (cfg.method.crop_scale, cfg.method.crops_per_image) == (scale, crops)
+    assert cfg.method.candidates_per_class == (30 if crops == 1 else 300)  # ipc 10: 3 x ipc whole images
     # set in the config: kept
     cfg = build_config({"name": "x", "dataset": dataset, "method": {"crop_scale": [0.5, 1.0], "crops_per_image": 3}})
     assert (cfg.method.crop_scale, cfg.method.crops_per_image) == ((0.5, 1.0), 3)
@@ -61,7 +62,7 @@ def test_newcomer_config_on_a_small_folder_is_level_with_random(tmp_path):
     data = write_small_folder(tmp_path / "data", size=32, classes=10, train_per_class=150, val_per_class=50)
     config = tmp_path / "newcomer.yaml"
     config.write_text(yaml.safe_dump(newcomer_config(data)))
-    quick = ["teacher.epochs=5", "evaluation.epochs=100", "evaluation.seeds=[0, 1]", "evaluation.regimes=[hard]"]
+    quick = ["teacher.epochs=5", "evaluation.epochs=60", "evaluation.seeds=[0, 1]", "evaluation.regimes=[hard]"]
 
     def run(*overrides):
         args = [x for o in (*quick, *overrides) for x in ("--set", o)]

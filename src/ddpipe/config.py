@@ -323,7 +323,8 @@ class MethodConfig(_Section):
     )
     ipc: int = Field(10, ge=1, description="Images per class in the distilled set.")
     candidates_per_class: int = Field(
-        300, ge=1, description="|T'_c|: images drawn at random per class before scoring (paper: 300)."
+        300, ge=1, description="|T'_c|: images drawn at random per class before scoring (paper: 300). Default: "
+        "3 x ipc where crop_scale's default scores whole images, else 300."
     )
     crops_per_image: int = Field(
         5, ge=1, description="K: random-resized crops scored per candidate image (paper: 5). Default: 1 where "
@@ -652,10 +653,17 @@ class RunConfig(_Section):
         return json.dumps(data, sort_keys=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML, with every credential in the storage options replaced by "***" (what the run
+        folder's config.yaml holds)."""
+        data = self.model_dump(mode="json")
+        for section in ("store", "dataset"):
+            if data[section].get("storage_options"):
+                data[section]["storage_options"] = _redacted(data[section]["storage_options"])
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 WHOLE_IMAGE_MAX_SIZE = 64  # at factor 1, RDED scores whole images of this size or less by default
+WHOLE_IMAGE_POOL = 3  # ... from 3 x ipc random candidates per class
 
 
 def _crop_defaults(data: dict) -> dict:
@@ -679,6 +687,12 @@ def _crop_defaults(data: dict) -> dict:
         method["crop_scale"] = [1.0, 1.0] if whole else [0.08, 1.0]
         if method.get("crops_per_image") is None:
             method["crops_per_image"] = 1 if whole else 5
+        ipc = method.get("ipc", 10)
+        if whole and method.get("candidates_per_class") is None and isinstance(ipc, int) and ipc > 0:
+            # Whole images ranked by the teacher: from a pool of the whole class the top ipc are its easiest,
+            # most prototypical images (4.8 points below random on a 150-per-class folder); from 3 x ipc random
+            # candidates the ranking only filters (level), docs/benchmarks.md "Reliability".
+            method["candidates_per_class"] = WHOLE_IMAGE_POOL * ipc
     return {**data, "method": method}
 
 
@@ -706,6 +720,19 @@ def _flip_defaults(data: dict) -> dict:
             return data
         data[outer] = {**section, inner: {**sub, "flip": False}}
     return data
+
+
+_CREDENTIAL = ("key", "secret", "token", "password", "credential", "auth")
+
+
+def _redacted(options):
+    """Storage options with the value of every credential-like key ("key", "secret", "token", ...) replaced."""
+    if isinstance(options, dict):
+        return {k: "***" if any(w in str(k).lower() for w in _CREDENTIAL) and not isinstance(v, (dict, list))
+                else _redacted(v) for k, v in options.items()}
+    if isinstance(options, list):
+        return [_redacted(v) for v in options]
+    return options
 
 
 def _one_line(text: str) -> str:
