@@ -1,6 +1,6 @@
 """Defaults that fit the data: a newcomer's short config on a small image folder unlike Fashion-MNIST (32 px,
 150 images per class) gives an RDED run level with its random subset; the defaults of before (ImageNet's crop
-scale at factor 1) fall far below it, and the run's table says so."""
+scale at factor 1) fell far below it; the table flags a set that does."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ddpipe.report import far_below_random
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from small_folder import write_small_folder  # noqa: E402
-from small_folder_defaults import OLD_DEFAULTS, newcomer_config  # noqa: E402
+from small_folder_defaults import newcomer_config  # noqa: E402
 
 
 @pytest.mark.parametrize("size, factor, scale, crops", [
@@ -54,6 +54,14 @@ def test_far_below_random_flags_only_gaps_over_three_points():
 
     flags = far_below_random({"hard": regime(0.552, 0.906), "soft": regime(0.90, 0.92), "soft_kd": regime(None, 0.9)})
     assert len(flags) == 1 and "35.4 points below its random subset in the hard regime" in flags[0]
+    from ddpipe.report import results_table
+
+    def entry(d, r):
+        return {"distilled": {"mean": d, "std": 0.0}, "random": {"mean": r, "std": 0.0}, "improvement_over_random": d - r}
+
+    report = {"method": "rded", "dataset": "image-folder", "ipc": 10, "teacher": {"val_accuracy": 0.9},
+              "labels": {"bytes": 1}, "regimes": {"hard": entry(0.552, 0.906)}, "warnings": flags}
+    assert results_table(report).splitlines()[-1] == f"warning: {flags[0]}"  # what the CLI prints
 
 
 @pytest.mark.slow
@@ -76,6 +84,5 @@ def test_newcomer_config_on_a_small_folder_is_level_with_random(tmp_path):
     out, hard, warnings = run()
     assert hard["improvement_over_random"] > -0.03, out  # level or above (two seeds on 500 test images)
     assert warnings == [] and "warning:" not in out
-    out, hard, warnings = run(*OLD_DEFAULTS)
-    assert hard["improvement_over_random"] < -0.03 and len(warnings) == 1, out
-    assert "warning: the distilled set is" in out
+    # The defaults of before (benchmarks/small_folder_defaults.py --old-defaults) fell 35 points below random
+    # at full budget; docs/benchmarks.md "Reliability" has the sweep. Not rerun here, to keep the suite short.
