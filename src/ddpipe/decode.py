@@ -16,7 +16,7 @@ import io
 import numpy as np
 import torch
 
-from ddpipe.errors import DataError
+from ddpipe.errors import DataError, first_line
 
 ORIENTATION_TAG = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -31,11 +31,11 @@ def open_image(data: bytes, name):
     try:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise DataError(f"image {name} is too large to decode: {_first_line(e)}") from None
+        raise DataError(f"image {name} is too large to decode: {first_line(e)}") from None
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {name} (not an image, or a format Pillow does not know)") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+        raise DataError(f"cannot read image {name} ({e.__class__.__name__}: {first_line(e)})") from None
 
 
 def oriented_size(im) -> tuple[int, int]:
@@ -77,7 +77,7 @@ def decode(data: bytes, channels: int, name, reduce=1, size: int | None = None) 
             im = im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
         return _tensor(np.asarray(im, dtype=np.uint8)), scale
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {first_line(e)})") from None
 
 
 def decode_crops(data: bytes, channels: int, name, make_boxes, size: int | tuple[int, int]
@@ -107,7 +107,7 @@ def decode_crops(data: bytes, channels: int, name, make_boxes, size: int | tuple
         crops = [np.asarray(im.resize((out_w, out_h), Image.BILINEAR, box=box(*b)), dtype=np.uint8)
                  for b in boxes.tolist()]
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {first_line(e)})") from None
     if not crops:
         return boxes, torch.zeros(0, channels, out_h, out_w, dtype=torch.uint8)
     return boxes, torch.stack([_tensor(c) for c in crops])
@@ -133,7 +133,7 @@ def _shown(data: bytes, channels: int, name: _Name, reduce):
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return im.convert("L" if channels == 1 else "RGB"), scale
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {_first_line(e)})") from None
+        raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {first_line(e)})") from None
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
@@ -163,7 +163,3 @@ class _Name:
 
     def __str__(self):
         return str(self.name() if callable(self.name) else self.name)
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [""])[0][:200]

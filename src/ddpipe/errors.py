@@ -8,6 +8,11 @@ without a traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), for a one-line error."""
+    return (str(e).splitlines() or [""])[0][:limit]
+
+
 class DDPipeError(Exception):
     """Base class: an expected failure with a message fit for the user."""
 

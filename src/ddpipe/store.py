@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from ddpipe.errors import CheckpointError, StoreError
+from ddpipe.errors import CheckpointError, StoreError, first_line
 
 
 class FileRecord(BaseModel):
@@ -65,7 +65,7 @@ def torch_object(data: bytes, name: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated file, another format, a pickle with code: one clear error
-        reason = (str(e).splitlines() or [""])[0][:200]
+        reason = first_line(e)
         raise CheckpointError(f"{name} is not readable: {e.__class__.__name__}: {reason}") from None
 
 
@@ -153,20 +153,20 @@ class Store:
             raise StoreError(f"cannot read {self.url(rel)}: {e}") from None
 
     def read_table(self, rel: str) -> pa.Table:
-        data = self.read_bytes(rel)
-        try:
-            return pq.read_table(io.BytesIO(data))
-        except (pa.ArrowException, OSError, ValueError) as e:
-            raise StoreError(f"{self.url(rel)} is not a readable Parquet file ({e.__class__.__name__}: "
-                             f"{(str(e).splitlines() or [''])[0][:160]}); it was cut short or overwritten") from None
+        return self._parsed(rel, lambda data: pq.read_table(io.BytesIO(data)), "a readable Parquet file",
+                            (pa.ArrowException, OSError, ValueError))
 
     def read_json(self, rel: str) -> Any:
+        return self._parsed(rel, json.loads, "valid JSON", (UnicodeDecodeError, json.JSONDecodeError))
+
+    def _parsed(self, rel: str, parse, what: str, errors: tuple[type[Exception], ...]):
+        """``parse`` of the bytes of ``rel``; a StoreError naming the file if they are not ``what``."""
         data = self.read_bytes(rel)
         try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StoreError(f"{self.url(rel)} is not valid JSON ({e.__class__.__name__}: "
-                             f"{(str(e).splitlines() or [''])[0][:160]}); it was cut short or overwritten") from None
+            return parse(data)
+        except errors as e:
+            raise StoreError(f"{self.url(rel)} is not {what} ({e.__class__.__name__}: {first_line(e, 160)}); it was "
+                             f"cut short or overwritten") from None
 
     def exists(self, rel: str) -> bool:
         try:
