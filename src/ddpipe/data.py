@@ -308,14 +308,11 @@ def _idx_path(folder: str, name: str) -> Path:
 def _fashion_mnist_arrays(folder: str) -> dict:
     out = {}
     for split, (img_name, lbl_name) in FASHION_MNIST_FILES.items():
-        arrays = []
-        for name in (img_name, lbl_name):
-            path = _idx_path(folder, name)
+        img_path, lbl_path = paths = [_idx_path(folder, name) for name in (img_name, lbl_name)]
+        for name, path in zip((img_name, lbl_name), paths):
             if not path.is_file():
                 raise DatasetNotFoundError(f"Fashion-MNIST file {name}[.gz] missing in {folder}; {FASHION_MNIST_HINT}")
-            arrays.append(_read_idx(path))
-        (images, h_img), (labels, h_lbl) = arrays
-        img_path, lbl_path = (_idx_path(folder, name) for name in (img_name, lbl_name))
+        (images, h_img), (labels, h_lbl) = (_read_idx(path) for path in paths)
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise DataError(f"IDX file {img_path} holds images of shape {list(images.shape[1:])}; Fashion-MNIST "
                             f"(dataset.image_size 28) needs 28 x 28")

@@ -21,7 +21,7 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(spec)
@@ -31,9 +31,13 @@ def resolve_device(spec: str) -> torch.device:
             raise ConfigError(f"runtime.device={spec}: torch sees no CUDA device on this machine (use auto or cpu)")
         if device.index is not None and device.index >= count:
             raise ConfigError(f"runtime.device={spec}: this machine has {count} CUDA device(s)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "mps" and not _mps_available():
         raise ConfigError(f"runtime.device={spec}: MPS is not available on this machine (use auto or cpu)")
     return device
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:
