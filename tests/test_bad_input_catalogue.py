@@ -79,22 +79,17 @@ def _(tmp):
     return run(tmp, tmp / "nope.yaml")
 
 
-@case("config-not-yaml", "is not valid YAML")
-def _(tmp):
-    (tmp / "c.yaml").write_text("name: [unclosed\n")
-    return run(tmp, tmp / "c.yaml")
+def config_file(content: bytes):
+    """A case whose config file holds ``content``."""
+    def make(tmp):
+        (tmp / "c.yaml").write_bytes(content)
+        return run(tmp, tmp / "c.yaml")
+    return make
 
 
-@case("config-binary", "is not UTF-8 text")
-def _(tmp):
-    (tmp / "c.yaml").write_bytes(bytes(range(256)) * 4)
-    return run(tmp, tmp / "c.yaml")
-
-
-@case("config-not-a-mapping", "must hold a mapping")
-def _(tmp):
-    (tmp / "c.yaml").write_text("- a\n- b\n")
-    return run(tmp, tmp / "c.yaml")
+case("config-not-yaml", "is not valid YAML")(config_file(b"name: [unclosed\n"))
+case("config-binary", "is not UTF-8 text")(config_file(bytes(range(256)) * 4))
+case("config-not-a-mapping", "must hold a mapping")(config_file(b"- a\n- b\n"))
 
 
 @case("config-is-a-folder", "config file not found")
