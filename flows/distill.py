@@ -30,11 +30,11 @@ from prefect.futures import as_completed
 from ddpipe.config import RunConfig
 from ddpipe.flows.runners import shard_resources, task_runner_for
 from ddpipe.manifests import StageManifest
-from ddpipe.pipeline import Driver, Shard, Stage, context_for, drive, run_store
+from ddpipe.pipeline import Driver, Shard, Stage, context_for, drive, run_lock, run_store
 from ddpipe.report import GRID_CLASSES, GRID_IMAGES, results_rows, results_table
 from ddpipe.stages import stages_for
 from ddpipe.tasks.pipeline import (
-    RunRef, finalize_stage, index_shards, plan_index, plan_run, prepare_run, report, run_shard,
+    RunRef, finalize_stage, index_shards, plan_index, plan_run, prepare_run, report, retries, run_shard,
 )
 
 
@@ -54,7 +54,7 @@ def _shard_results(ref: RunRef, stage: Stage, shards: list[Shard], inputs: dict[
     """The shards of ``stage`` as Prefect tasks, with a progress artifact updated as they finish."""
     orch = ref.config.orchestration
     artifact = create_progress_artifact(progress=0.0, description=f"{stage.name}: {stage.doc}")
-    shard_task = run_shard.with_options(task_run_name=f"{stage.name}:{{shard.id}}")
+    shard_task = run_shard.with_options(task_run_name=f"{stage.name}:{{shard.id}}", **retries(orch))
     if orch.max_workers == 1 and orch.task_runner == "local":
         # One shard at a time runs in the flow's own thread, like the plain runner: torch's OpenMP pool is
         # per calling thread, and a second pool makes libgomp throttle its spin-waits (~15% slower on CPU).
@@ -71,7 +71,7 @@ def _index_source(config: RunConfig) -> None:
     the parts); nothing to do for Fashion-MNIST or a source indexed already."""
     groups = plan_index(config)
     orch = config.orchestration
-    task = index_shards.with_options(task_run_name="index:{shards[0].path}")
+    task = index_shards.with_options(task_run_name="index:{shards[0].path}", **retries(orch))
     if orch.max_workers == 1 and orch.task_runner == "local":
         for group in groups:
             task(config, group)
@@ -95,8 +95,9 @@ def _run_stages(config: RunConfig, until: str | None = None) -> tuple[RunRef, di
 
 
 def _distill(config: RunConfig) -> dict:
-    ref, manifests, timings = _run_stages(config)
-    result = report(ref, manifests, timings)
+    with run_lock(config):  # a second run of the same config on the same store is refused with one line
+        ref, manifests, timings = _run_stages(config)
+        result = report(ref, manifests, timings)
     _result_artifacts(config, result)
     return result
 
@@ -118,7 +119,8 @@ def teacher(config: RunConfig) -> dict:
     """Pretrain (or load and measure) the config's teachers only: the dataset and teacher stages of a run.
     A later ``distill`` run of the same config reuses them, as does any run with the same data and teacher
     settings (``<store>/shared/teachers``)."""
-    ref, manifests, _ = _run_stages(config, until="teacher")
+    with run_lock(config):
+        ref, manifests, _ = _run_stages(config, until="teacher")
     metrics = run_store(config).read_bytes("teacher/metrics.json").decode()
     create_link_artifact(key="ddpipe-run-folder", link=ref.uri, link_text=config.run_name,
                          description="the run folder (teacher/teacher.pt, teacher/metrics.json)")

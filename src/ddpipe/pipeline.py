@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 from pydantic import BaseModel
 
-from ddpipe import progress
+from ddpipe import locks, progress
 from ddpipe.codehash import code_hash, shared_key  # noqa: F401 - shared_key: where the stages take it from
 from ddpipe.config import RunConfig
 from ddpipe.errors import StoreError, ValidationError
@@ -104,16 +104,42 @@ def shared_outputs(cfg: RunConfig, kind: str, key: str, compute: Callable[[], di
     so an interrupted write is recomputed, never half-used). The caller still writes them into its run folder.
     """
     shared = Store(cfg.store.uri, cfg.store.storage_options).child(f"shared/{kind}/{key}")
-    if shared.exists("index.json"):
-        index = shared.read_json("index.json")
-        found = {name: _read(shared, name) for name in index}
-        if all(data is not None and sha256_bytes(data) == index[name] for name, data in found.items()):
+    found = _shared_files(shared)
+    if found is not None:
+        return found
+    # Computed under the folder's lock: a concurrent run of another config that needs the same output waits
+    # here, then finds it written.
+    with locks.held(shared, ".lock", f"shared output {shared.uri}", wait=True, ttl=cfg.store.lock_ttl_s):
+        found = _shared_files(shared)
+        if found is not None:
             return found
-    out = compute()
-    for name, data in out.items():
-        shared.write_bytes(name, data)
-    shared.write_bytes("index.json", json.dumps({n: sha256_bytes(d) for n, d in out.items()}, sort_keys=True).encode())
+        out = compute()
+        for name, data in out.items():
+            shared.write_bytes(name, data)
+        index = json.dumps({n: sha256_bytes(d) for n, d in out.items()}, sort_keys=True).encode()
+        shared.write_bytes("index.json", index)
     return out
+
+
+def _shared_files(shared: Store) -> dict[str, bytes] | None:
+    """The files ``shared/<kind>/<key>/index.json`` lists, when it exists and each still hashes as listed."""
+    if not shared.exists("index.json"):
+        return None
+    index = shared.read_json("index.json")
+    found = {name: _read(shared, name) for name in index}
+    if all(data is not None and sha256_bytes(data) == index[name] for name, data in found.items()):
+        return found
+    return None
+
+
+RUN_LOCK = "run.lock"
+
+
+def run_lock(cfg: RunConfig):
+    """Hold the run folder for a run (``with run_lock(cfg): ...``): a second run of the same config on the same
+    store is refused with one line (:mod:`ddpipe.locks`)."""
+    store = run_store(cfg)
+    return locks.held(store, RUN_LOCK, f"run folder {store.uri}", wait=False, ttl=cfg.store.lock_ttl_s)
 
 
 @dataclass
@@ -211,6 +237,7 @@ def run_shard(ctx: Context, stage: Stage, shard: Shard, inputs: dict[str, StageM
         if not store.verify(f):
             raise ValidationError(f"output {store.url(f.path)} of stage {stage.name} failed validation")
     table = records_table(stage.name, shard.id, key, files)
+    locks.check(store, RUN_LOCK)
     record = store.write_table(rel, table)
     return shard_result(stage.name, shard.id, key, record, table, reused=False)
 
@@ -233,6 +260,7 @@ def finalize_stage(ctx: Context, stage: Stage, shards: list[Shard], results: lis
     for f in files:
         if sizes.get(f.path) != f.bytes:
             raise ValidationError(f"stage {stage.name}: output {store.url(f.path)} is missing or changed")
+    locks.check(store, RUN_LOCK)
     return write_stage_manifest(store, stage.name, records)
 
 
