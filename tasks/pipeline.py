@@ -23,8 +23,9 @@ from pydantic import BaseModel
 from ddpipe import dataindex, pipeline
 from ddpipe.config import RunConfig
 from ddpipe.dataset import dataset_classes
-from ddpipe.errors import DDPipeError
+from ddpipe.errors import DDPipeError, StoreError
 from ddpipe.formats import ShardInfo
+from ddpipe.locks import LockedError
 from ddpipe.manifests import ShardResult, StageManifest
 from ddpipe.pipeline import Shard, Stage, context_for
 from ddpipe.report import write_report
@@ -61,14 +62,25 @@ class ShardCachePolicy(CachePolicy):
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry transient failures (network, store), not bad input: that fails the same way again."""
+    """Retry transient failures (network, store), not bad input: that fails the same way again. A store
+    error counts as transient (the S3 client's own retries were spent), a lost run lock does not."""
     try:
         state.result()
+    except LockedError:
+        return False
+    except StoreError:
+        return True
     except DDPipeError:
         return False
     except Exception:
         return True
     return False
+
+
+def retries(orch) -> dict:
+    """The retry options of the shard and index tasks, from ``orchestration.task_retries`` / ``retry_delay_s``."""
+    return {"retries": orch.task_retries, "retry_delay_seconds": orch.retry_delay_s,
+            "retry_condition_fn": _retry_unless_user_error}
 
 
 @task(name="plan-index", cache_policy=NO_CACHE)

@@ -32,6 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from ddpipe.errors import DataError, DatasetNotFoundError
+from ddpipe.store import fs_options
 
 KINDS = ("image-folder", "webdataset", "parquet")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -86,7 +87,8 @@ class SourceSpec:
             import fsspec
 
             try:
-                self._fs, path = fsspec.core.url_to_fs(self.root, skip_instance_cache=True, **self.storage_options)
+                self._fs, path = fsspec.core.url_to_fs(self.root, skip_instance_cache=True,
+                                                           **fs_options(self.root, self.storage_options))
             except (ImportError, ValueError, TypeError) as e:
                 raise DatasetNotFoundError(f"cannot open dataset.root '{self.root}': {e}") from None
             self._base = path.rstrip("/")

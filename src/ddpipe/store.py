@@ -12,6 +12,7 @@ Stored formats: Parquet tables (:func:`table_bytes`) and torch objects (:func:`t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -69,13 +70,28 @@ def torch_object(data: bytes, name: str) -> Any:
         raise CheckpointError(f"{name} is not readable: {e.__class__.__name__}: {reason}") from None
 
 
+S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+
+
+def fs_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The fsspec options for ``uri``: the user's, plus on S3 the client's retry setting unless
+    ``config_kwargs.retries`` sets one: botocore's standard mode, 10 attempts (500, 502, 503 SlowDown,
+    504, throttling and connection errors, with exponential backoff and jitter, up to 20 s apart)."""
+    out = dict(options or {})
+    if uri.split("://", 1)[0] in ("s3", "s3a"):
+        config = dict(out.get("config_kwargs") or {})
+        config.setdefault("retries", dict(S3_RETRIES))
+        out["config_kwargs"] = config
+    return out
+
+
 class Store:
     """A folder (the run folder) in an fsspec filesystem."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
         self.storage_options = dict(storage_options or {})
         try:
-            self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
+            self.fs, root = fsspec.core.url_to_fs(uri, **fs_options(uri, self.storage_options))
         except (ImportError, ValueError, TypeError) as e:
             raise StoreError(f"cannot open store '{uri}': {e}") from None
         self.root = root.rstrip("/")
@@ -112,9 +128,14 @@ class Store:
                 except FileNotFoundError:  # the folder was removed since: make it again
                     os.makedirs(folder, exist_ok=True)
                     f = open(tmp, "wb")
-                with f:
-                    f.write(data)
-                os.replace(tmp, path)
+                try:
+                    with f:
+                        f.write(data)
+                    os.replace(tmp, path)
+                except BaseException:  # a full disk, a signal: leave no temporary file behind
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
             else:
                 self.fs.pipe_file(path, data)
         except OSError as e:

@@ -33,7 +33,7 @@ from ddpipe.errors import CheckpointError, ClassMapMismatchError, TeacherError
 from ddpipe.manifests import StageManifest
 from ddpipe.models import ModelSpec, build_model, init_model
 from ddpipe.pipeline import Context, Shard, Stage, shared_key, shared_outputs
-from ddpipe.store import FileRecord, torch_bytes, torch_object
+from ddpipe.store import FileRecord, fs_options, torch_bytes, torch_object
 from ddpipe.train import accuracy, fit_classifier, to_device
 
 CHECKPOINT_FORMAT = "ddpipe-teacher/1"
@@ -227,7 +227,7 @@ def label_model(ctx: Context, manifests: dict[str, StageManifest]) -> nn.Module:
 
 def read_external(uri: str, storage_options: dict) -> bytes:
     try:
-        with fsspec.open(uri, "rb", **(storage_options if "://" in uri else {})) as f:
+        with fsspec.open(uri, "rb", **(fs_options(uri, storage_options) if "://" in uri else {})) as f:
             return f.read()
     except FileNotFoundError:
         raise CheckpointError(f"teacher checkpoint not found: {uri} (teacher.checkpoint)") from None
