@@ -8,6 +8,7 @@ import json
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT, run_cli
@@ -46,6 +47,22 @@ def test_dataset_flip_false_turns_every_flip_off_and_refuses_one_turned_on():
     assert on.teacher.augment.flip and on.evaluation.augment.flip and on.method.recovery.flip
     with pytest.raises(ConfigError, match="evaluation.augment.flip is true but dataset.flip is false"):
         build_config({"name": "x", "dataset": {"flip": False}, "evaluation": {"augment": {"flip": True}}})
+    # DSA's own flip op goes too: it draws from the other five
+    dsa = build_config({"name": "x", "dataset": {"flip": False}, "evaluation": {"augment": {"dsa": True}}})
+    assert dsa.evaluation.augment.dsa_ops == ("color", "crop", "cutout", "scale", "rotate")
+    assert "flip" in on.evaluation.augment.dsa_ops
+    with pytest.raises(ConfigError, match="evaluation.augment.dsa_ops has flip but dataset.flip is false"):
+        build_config({"name": "x", "dataset": {"flip": False}, "evaluation": {"augment": {"dsa_ops": ["flip"]}}})
+    from ddpipe.augment import Augmenter, generator
+
+    x = torch.arange(2 * 8.0).view(1, 1, 2, 8).repeat(16, 1, 1, 1)  # only a flip gives its exact mirror
+
+    def mirrored(augment) -> int:
+        aug = Augmenter(augment.model_copy(update={"crop_scale": None, "cutmix": 0.0}), generator(0))
+        return sum(int(torch.equal(v, x[0].flip(-1))) for _ in range(40) for v in aug.views(x))
+
+    assert mirrored(on.evaluation.augment.model_copy(update={"dsa": True})) > 0
+    assert mirrored(dsa.evaluation.augment) == 0
 
 
 def test_far_below_random_flags_only_gaps_over_three_points():

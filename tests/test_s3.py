@@ -73,19 +73,21 @@ def test_missing_bucket_is_a_one_line_error(s3_endpoint, tmp_path):
 
 
 @pytest.mark.fmnist
-def test_credentials_appear_nowhere_in_the_run_folder_or_the_logs(s3_endpoint, tmp_path):
+@pytest.mark.parametrize("engine", ["plain", "prefect"])
+def test_credentials_appear_nowhere_in_the_run_folder_or_the_logs(s3_endpoint, tmp_path, engine):
     """A sentinel secret in the environment and another in store.storage_options: neither is written to the run
-    folder (config.yaml holds "***"), report.json or the run's output."""
+    folder (config.yaml holds "***"), report.json, the run's output or, under Prefect, anything in PREFECT_HOME
+    (its database with the flow run's parameters, logs and results)."""
     endpoint, creds = s3_endpoint
     env_secret, option_secret = "SENTINEL-ENV-7f3a9c", "SENTINEL-OPT-51d2e8"  # moto accepts any secret
     env = {**creds, "AWS_SECRET_ACCESS_KEY": env_secret, "PREFECT_HOME": str(tmp_path / "prefect")}
     os.environ.pop("AWS_ENDPOINT_URL", None)
     options = f"{{key: testing, secret: {option_secret}, client_kwargs: {{endpoint_url: '{endpoint}'}}}}"
-    proc = run_cli("run", str(SMOKE), "--store", f"s3://{BUCKET}/secret-runs", "--engine", "plain",
+    proc = run_cli("run", str(SMOKE), "--store", f"s3://{BUCKET}/secret-runs-{engine}", "--engine", engine,
                    "--set", f"store.storage_options={options}", "--set", "evaluation.regimes=[hard]", *FAST, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fs = bucket_fs(endpoint)
-    files = fs.find(f"{BUCKET}/secret-runs")
+    files = fs.find(f"{BUCKET}/secret-runs-{engine}")
     assert any(f.endswith("/config.yaml") for f in files) and any(f.endswith("/report.json") for f in files)
     for f in files:
         data = fs.cat_file(f)
@@ -93,3 +95,8 @@ def test_credentials_appear_nowhere_in_the_run_folder_or_the_logs(s3_endpoint, t
     assert b"secret: '***'" in fs.cat_file(next(f for f in files if f.endswith("/config.yaml")))
     for text in (proc.stdout, proc.stderr):
         assert env_secret not in text and option_secret not in text
+    home = [p for p in (tmp_path / "prefect").rglob("*") if p.is_file()]
+    assert (engine == "prefect") == any(p.name.startswith("prefect.db") for p in home)
+    for p in home:  # the SQLite database (flow-run parameters, task inputs, logs), results, settings
+        data = p.read_bytes()
+        assert env_secret.encode() not in data and option_secret.encode() not in data, p

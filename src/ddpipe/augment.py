@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from ddpipe.config import AugmentConfig
+from ddpipe.config import DSA_OPS, AugmentConfig
 
 
 def seed_for(*parts) -> int:
@@ -110,18 +110,15 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return x.round().clamp_(0, 255).to(torch.uint8)
 
 
-DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
-
-
-def dsa(x: torch.Tensor, gen: torch.Generator, op: str | None = None) -> torch.Tensor:
+def dsa(x: torch.Tensor, gen: torch.Generator, op: str | None = None, ops: tuple[str, ...] = DSA_OPS) -> torch.Tensor:
     """Differentiable Siamese Augmentation as the DC/DSA evaluation applies it (``ParamDiffAug``, mode 'S'):
-    one op of color / crop / cutout / flip / scale / rotate, chosen per batch (or ``op``), with per-image
+    one op of ``ops`` (color / crop / cutout / flip / scale / rotate), chosen per batch (or ``op``), with per-image
     parameters: brightness +-0.5, saturation x[0, 2], contrast x[0.5, 1.5]; translation by up to 12.5 % of
     the side (zero fill); a cutout square of half the side; flip with p 0.5; scale x[1/1.2, 1.2] per axis;
     rotation +-15 degrees."""
     n, c, h, w = x.shape
     if op is None:
-        op = DSA_OPS[int(torch.randint(len(DSA_OPS), (1,), generator=gen))]
+        op = ops[int(torch.randint(len(ops), (1,), generator=gen))]
     dev = x.device
     if op == "color":
         x = x + (torch.rand(n, 1, 1, 1, generator=gen).to(dev) - 0.5)
@@ -178,7 +175,7 @@ class Augmenter:
             flip = (torch.rand(n, generator=self.gen) < 0.5).to(x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         if self.cfg.dsa:
-            x = dsa(x, self.gen)
+            x = dsa(x, self.gen, ops=self.cfg.dsa_ops)
         return x
 
     def mix(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -20,10 +20,12 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator,
+)
 
 from ddpipe.errors import ConfigError
 from ddpipe.formats import KINDS as SOURCE_KINDS
@@ -54,6 +56,22 @@ class OptimConfig(_Section):
     warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of the steps with a linear warm-up.")
 
 
+class _HidesCredentials(_Section):
+    """A section with ``storage_options``: every JSON dump (config.yaml, the Prefect flow run's parameters, a
+    deployment's) shows each credential in them as "***"; a "***" loaded back is dropped."""
+
+    @model_serializer(mode="wrap", when_used="json")
+    def _hide_credentials(self, dump):
+        data = dump(self)
+        if data.get("storage_options"):
+            data["storage_options"] = _redacted(data["storage_options"])
+        return data
+
+
+DsaOp = Literal["color", "crop", "cutout", "flip", "scale", "rotate"]
+DSA_OPS: tuple[str, ...] = get_args(DsaOp)
+
+
 class AugmentConfig(_Section):
     """Batched, seeded augmentation applied to every training batch."""
 
@@ -67,8 +85,11 @@ class AugmentConfig(_Section):
     )
     mixup_alpha: float = Field(0.8, gt=0, description="MixUp's alpha (SRe2L/CDA evaluation: 0.8).")
     dsa: bool = Field(
-        False, description="DSA (DC/DSA evaluation, mode S): one of color, crop, cutout, flip, scale, rotate per "
-        "batch with per-image parameters, after the crop and flip above."
+        False, description="DSA (DC/DSA evaluation, mode S): one of dsa_ops per batch with per-image parameters, "
+        "after the crop and flip above."
+    )
+    dsa_ops: tuple[DsaOp, ...] = Field(
+        DSA_OPS, min_length=1, description="The ops DSA draws from; dataset.flip false leaves out flip."
     )
 
     @field_validator("crop_scale")
@@ -79,7 +100,7 @@ class AugmentConfig(_Section):
         return v
 
 
-class DatasetConfig(_Section):
+class DatasetConfig(_HidesCredentials):
     """Where the real images come from."""
 
     kind: Literal[("fashion-mnist", *SOURCE_KINDS)] = Field(
@@ -100,6 +121,7 @@ class DatasetConfig(_Section):
         None, description="fsspec options of dataset.root (endpoint, credentials); null: store.storage_options. "
         "Never part of a hash.",
     )
+    _credentials = field_validator("storage_options", mode="before")(lambda v: _unredacted(v))
     image_column: str = Field("image", description="parquet: the image column (binary, or struct<bytes, path>).")
     label_column: str = Field("label", description="parquet: the integer label column.")
     train_split: str = Field("train", description="image-folder: sub-folder of the training split.")
@@ -450,7 +472,7 @@ class EvaluationConfig(_Section):
     test_batch_size: int = Field(1000, ge=1, description="Batch size for test accuracy.")
 
 
-class StoreConfig(_Section):
+class StoreConfig(_HidesCredentials):
     """Where run folders are written: any fsspec URI."""
 
     uri: str = Field("./runs", description="Local path, s3://bucket/prefix, or memory://... (tests).")
@@ -458,6 +480,12 @@ class StoreConfig(_Section):
         default_factory=dict,
         description="fsspec options, e.g. {client_kwargs: {endpoint_url: ...}, key: ..., secret: ...}. Empty: the "
         "standard AWS environment variables and files apply.",
+    )
+    _credentials = field_validator("storage_options", mode="before")(lambda v: _unredacted(v))
+    lock_ttl_s: float = Field(
+        120.0, gt=0, description="S3 stores: a run's lease on its run folder (and on a shared output it computes) is "
+        "renewed every lock_ttl_s/4 seconds; one not renewed for lock_ttl_s is stale and another run may take it "
+        "over. Local stores need none (the lock ends with its process).",
     )
 
 
@@ -472,6 +500,12 @@ class OrchestrationConfig(_Section):
         200, ge=1, description="Most shards of one stage: class groups, recovery batches and statistics image ranges "
         "grow to fit, so a run at 10,450 classes stays at a few hundred task runs per stage."
     )
+    task_retries: int = Field(
+        2, ge=0, description="Prefect engine: times a failed shard or index task is retried (after "
+        "retry_delay_s seconds) when the failure may be transient (network, store); bad input is not retried. "
+        "Each S3 request is retried first by the client (botocore standard mode, 10 attempts).",
+    )
+    retry_delay_s: float = Field(5.0, ge=0, description="Prefect engine: seconds before a task retry.")
     max_workers: int = Field(
         1, ge=1, description="Shards run at once. 1 runs them in the flow's own thread; more uses the task runner "
         "(local: threads; on CPU each brings its own torch thread pool, so keep 1 unless the work is I/O-bound or "
@@ -653,13 +687,10 @@ class RunConfig(_Section):
         return json.dumps(data, sort_keys=True)
 
     def to_yaml(self) -> str:
-        """The config as YAML, with every credential in the storage options replaced by "***" (what the run
-        folder's config.yaml holds)."""
-        data = self.model_dump(mode="json")
-        for section in ("store", "dataset"):
-            if data[section].get("storage_options"):
-                data[section]["storage_options"] = _redacted(data[section]["storage_options"])
-        return yaml.safe_dump(data, sort_keys=False)
+        """The config as YAML (what the run folder's config.yaml holds). Like every JSON dump of the config (the
+        Prefect flow run's parameters, a deployment's), it has each credential in the storage options replaced
+        by "***"; loaded again, a "***" is dropped, so the environment's credentials apply."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
 WHOLE_IMAGE_MAX_SIZE = 64  # at factor 1, RDED scores whole images of this size or less by default
@@ -714,24 +745,40 @@ def _flip_defaults(data: dict) -> dict:
         sub = section.get(inner)
         if isinstance(sub, dict) and sub.get("flip") is True:
             raise ValueError(f"{outer}.{inner}.flip is true but dataset.flip is false (mirroring changes the class)")
+        if isinstance(sub, dict) and isinstance(sub.get("dsa_ops"), (list, tuple)) and "flip" in sub["dsa_ops"]:
+            raise ValueError(f"{outer}.{inner}.dsa_ops has flip but dataset.flip is false (mirroring changes the class)")
         if sub is None:  # the section's own default (a factory may differ from the class defaults)
             sub = owner.model_fields[inner].get_default(call_default_factory=True).model_dump(mode="json")
         if not isinstance(sub, dict):
             return data
-        data[outer] = {**section, inner: {**sub, "flip": False}}
+        sub = {**sub, "flip": False}
+        if "dsa_ops" in getattr(owner.model_fields[inner].annotation, "model_fields", {}) and "dsa_ops" not in sub:
+            sub["dsa_ops"] = [op for op in DSA_OPS if op != "flip"]
+        data[outer] = {**section, inner: sub}
     return data
 
 
 _CREDENTIAL = ("key", "secret", "token", "password", "credential", "auth")
+REDACTED = "***"
 
 
 def _redacted(options):
     """Storage options with the value of every credential-like key ("key", "secret", "token", ...) replaced."""
     if isinstance(options, dict):
-        return {k: "***" if any(w in str(k).lower() for w in _CREDENTIAL) and not isinstance(v, (dict, list))
+        return {k: REDACTED if any(w in str(k).lower() for w in _CREDENTIAL) and not isinstance(v, (dict, list))
                 else _redacted(v) for k, v in options.items()}
     if isinstance(options, list):
         return [_redacted(v) for v in options]
+    return options
+
+
+def _unredacted(options):
+    """Storage options without the "***" placeholders of :func:`_redacted` (a config dumped as JSON and loaded
+    again takes its credentials from the environment)."""
+    if isinstance(options, dict):
+        return {k: _unredacted(v) for k, v in options.items() if v != REDACTED}
+    if isinstance(options, list):
+        return [_unredacted(v) for v in options]
     return options
 
 
