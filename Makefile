@@ -12,7 +12,7 @@ run: install data
 	$(BIN)/ddpipe run $(CONFIG)
 
 test: install data browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install  # the edit loop: no end-to-end tests; tests that need Fashion-MNIST are skipped without it
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -22,7 +22,8 @@ def _objects(fs, root: str) -> dict[str, bytes]:
 
 
 def _run(store: str, env: dict, engine: str):
-    proc = run_cli("run", str(SMOKE), "--store", store, "--engine", engine, "--no-progress", *FAST, env=env)
+    proc = run_cli("run", str(SMOKE), "--store", store, "--engine", engine, "--no-progress", *FAST,
+                   "--set", "evaluation.regimes=[hard]", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("run folder:"))
 
