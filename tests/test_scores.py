@@ -23,3 +23,40 @@ def test_percent_inputs_are_refused():
         improvement_over_random(80.0, 75.0)
     with pytest.raises(ValueError, match="fraction"):
         hard_label_recovery(90.0, 0.7)
+
+
+def test_welch_interval_on_a_hand_example():
+    from ddpipe.scores import compare, t975
+
+    # distilled 80/82/81 %, random 75/77/76 %: each side's sd 1 point, se = sqrt(2 * 0.01^2 / 3) = 0.0081650,
+    # Welch df = 4 exactly, t(0.975, 4) = 2.776: 5.00 +- 2.267 points -> [2.733, 7.267], above.
+    c = compare([0.80, 0.82, 0.81], [0.75, 0.77, 0.76])
+    assert c["difference"] == pytest.approx(0.05)
+    assert c["ci95"] == pytest.approx([0.05 - 2.776 * 0.0081650, 0.05 + 2.776 * 0.0081650], abs=1e-6)
+    assert c["verdict"] == "above" and c["method"] == "welch-t"
+    # unequal spreads and sizes: variances 0.0004 and 0.00061667, v1 = 0.0004/3, v2 = 0.00061667/6,
+    # df = (v1 + v2)^2 / (v1^2/2 + v2^2/5) = 5.07 -> the table at 5 (2.571); se = 0.015366:
+    # 1.833 +- 3.951 points -> [-2.117, 5.784], level.
+    c = compare([0.70, 0.74, 0.72], [0.70, 0.73, 0.66, 0.71, 0.69, 0.72])
+    assert c["ci95"] == pytest.approx([-0.02117, 0.05784], abs=1e-5)
+    assert c["verdict"] == "level"
+    assert compare([0.60, 0.61, 0.62], [0.70, 0.71, 0.72])["verdict"] == "below"  # -10 +- 2.27 points
+    assert compare([0.60, 0.61], [0.70, 0.72])["verdict"] == "level"  # 2 seeds a side: df 1.5, t 12.7
+    assert compare([0.8], [0.7, 0.71]) == {"difference": pytest.approx(0.095), "ci95": None, "verdict": "n/a",
+                                           "method": "welch-t"}
+    assert t975(4) == 2.776 and t975(4.9) == 2.776 and abs(t975(1000) - 1.9623) < 1e-3
+
+
+def test_every_regime_of_a_report_carries_its_verdict():
+    from ddpipe.report import regime_results, results_rows, results_table
+
+    results = [{"regime": "hard", "set": s, "seed": k, "top1": v, "steps": 10}
+               for s, vals in (("distilled", [0.80, 0.82, 0.81]), ("random", [0.75, 0.77, 0.76]))
+               for k, v in enumerate(vals)]
+    regimes = regime_results(results, ["hard"], 0)
+    assert regimes["hard"]["comparison"]["verdict"] == "above"
+    report = {"method": "rded", "dataset": "fm", "ipc": 10, "teacher": {"val_accuracy": 0.9}, "labels": {"bytes": 1},
+              "regimes": regimes, "student": "convnet"}
+    assert results_table(report).splitlines()[-1].endswith("+5.00  [+2.73, +7.27] above")
+    row = results_rows(report)[0]
+    assert (row["gain_ci95_low"], row["gain_ci95_high"], row["verdict"]) == (2.73, 7.27, "above")

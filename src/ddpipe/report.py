@@ -41,7 +41,7 @@ from ddpipe.evaluate import student_models, summarize
 from ddpipe.imageset import image_grid, png_bytes, read_class
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import Context
-from ddpipe.scores import hard_label_recovery, label_robust_score
+from ddpipe.scores import compare, hard_label_recovery, label_robust_score
 
 GRID_CLASSES, GRID_IMAGES = 20, 10  # distilled/grid.png shows at most this many classes and images per class
 
@@ -118,6 +118,7 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
             entry["full"] = summarize(full)
         d, r = entry["distilled"]["mean"], entry["random"]["mean"]
         entry["improvement_over_random"] = None if d is None or r is None else d - r
+        entry["comparison"] = compare(entry["distilled"]["values"], entry["random"]["values"])
         out[regime] = entry
     return out
 
@@ -168,7 +169,8 @@ def regime_entries(report: dict) -> list[tuple[str | None, str, dict]]:
 
 def results_rows(report: dict) -> list[dict]:
     """The results as table rows (percent): per student and regime, the distilled set, the random subset of
-    the same size and the difference, plus the full set where measured."""
+    the same size, the difference with its 95 % interval and verdict (:func:`ddpipe.scores.compare`), plus the
+    full set where measured."""
 
     def pct(v):
         return None if v is None else round(100 * v, 2)
@@ -176,7 +178,10 @@ def results_rows(report: dict) -> list[dict]:
     return [{"student": s or report["student"], "regime": r,
              "distilled": pct(e["distilled"]["mean"]), "distilled_std": pct(e["distilled"]["std"]),
              "random": pct(e["random"]["mean"]), "random_std": pct(e["random"]["std"]),
-             "gain": pct(e["improvement_over_random"]), "full": pct(e.get("full", {}).get("mean"))}
+             "gain": pct(e["improvement_over_random"]),
+             "gain_ci95_low": pct((e.get("comparison", {}).get("ci95") or [None, None])[0]),
+             "gain_ci95_high": pct((e.get("comparison", {}).get("ci95") or [None, None])[1]),
+             "verdict": e.get("comparison", {}).get("verdict"), "full": pct(e.get("full", {}).get("mean"))}
             for s, r, e in regime_entries(report)]
 
 
@@ -194,11 +199,15 @@ def results_table(report: dict) -> str:
     lines = [
         f"{report['method']} {report['dataset']} ipc={report['ipc']}  teacher top-1 "
         f"{100 * report['teacher']['val_accuracy']:.2f}%  labels {report['labels']['bytes']} bytes",
-        f"{'regime':<{width}} {'distilled':>16} {'random':>16} {'Δ':>7}",
+        f"{'regime':<{width}} {'distilled':>16} {'random':>16} {'Δ':>7}  95% interval of Δ, verdict",
     ]
     for name, e in rows:
+        c = e.get("comparison") or {}
+        ci = c.get("ci95")
+        verdict = (f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] {c['verdict']}" if ci
+                   else "n/a (fewer than 2 accuracies a side)" if c else "")
         lines.append(f"{name:<{width}} {cell(e['distilled']):>16} {cell(e['random']):>16} "
-                     f"{delta(e['improvement_over_random'])}")
+                     f"{delta(e['improvement_over_random'])}  {verdict}".rstrip())
     hard = report["regimes"].get("hard", {})
     if "full" in hard:
         hlr = report["scores"]["hard_label_recovery"]
