@@ -60,3 +60,20 @@ def test_every_regime_of_a_report_carries_its_verdict():
     assert results_table(report).splitlines()[-1].endswith("+5.00  [+2.73, +7.27] above")
     row = results_rows(report)[0]
     assert (row["gain_ci95_low"], row["gain_ci95_high"], row["verdict"]) == (2.73, 7.27, "above")
+
+
+def test_students_trained_differently_are_not_compared():
+    from ddpipe.report import far_below_random, refused_comparisons, regime_results
+
+    def row(s, seed, top1, steps):
+        return {"regime": "hard", "set": s, "seed": seed, "top1": top1, "steps": steps, "batch_size": 50,
+                "model": {"name": "convnet"}, "images": 100, "test_images": 1000}
+
+    same = [row("distilled", k, 0.8 + k / 100, 600) for k in range(3)] + [row("random", k, 0.7, 600) for k in range(3)]
+    assert regime_results(same, ["hard"], 0)["hard"]["comparison"]["verdict"] == "above"
+    other = same[:3] + [row("random", k, 0.7, 300) for k in range(3)]
+    regimes = regime_results(other, ["hard"], 0)
+    c = regimes["hard"]["comparison"]
+    assert c["verdict"] == "refused" and regimes["hard"]["improvement_over_random"] is None
+    assert c["reason"] == "not compared: the distilled and random students differ in steps (600 vs 300)"
+    assert refused_comparisons(regimes) == [f"hard regime {c['reason']}"] and far_below_random(regimes) == []

@@ -76,7 +76,7 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
             "bytes": label_bytes, "bytes_per_image": label_bytes / max(1, n_images),
         },
         "regimes": regimes,
-        "warnings": far_below_random(regimes),
+        "warnings": far_below_random(regimes) + refused_comparisons(regimes),
         "scores": scores(regimes),
         "cross_architecture": cross,
         "generation": generation_summary(store, manifests),
@@ -105,11 +105,12 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
     architecture, and their difference (IOR)."""
     out = {}
     for regime in regimes:
-        entry = {}
+        entry, recipes = {}, {}
         for set_name in ("distilled", "random"):
             rows = sorted((r for r in results if r["regime"] == regime and r["set"] == set_name
                            and r.get("student", 0) == student), key=lambda r: r["seed"])
             entry[set_name] = summarize([r["top1"] for r in rows])
+            recipes[set_name] = rows
             if rows:
                 entry["steps"] = rows[0]["steps"]
         full = [r["top1"] for r in sorted(results, key=lambda r: r["seed"])
@@ -118,9 +119,28 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
             entry["full"] = summarize(full)
         d, r = entry["distilled"]["mean"], entry["random"]["mean"]
         entry["improvement_over_random"] = None if d is None or r is None else d - r
-        entry["comparison"] = compare(entry["distilled"]["values"], entry["random"]["values"])
+        difference = recipe_difference(recipes["distilled"], recipes["random"])
+        if difference is not None:
+            entry["improvement_over_random"] = None
+        entry["comparison"] = compare(entry["distilled"]["values"], entry["random"]["values"]) if difference is None \
+            else {"difference": None, "ci95": None, "verdict": "refused", "method": "welch-t",
+                  "reason": f"not compared: {difference}"}
         out[regime] = entry
     return out
+
+
+RECIPE = ("steps", "batch_size", "model", "images", "test_images")  # what a fair comparison holds equal
+
+
+def recipe_difference(distilled: list[dict], random: list[dict]) -> str | None:
+    """How the students of a distilled set and of its random subset differ (steps, batch size, model, images,
+    test images), or None when they do not: students trained differently are not compared."""
+    for field in RECIPE:
+        a = {json.dumps(r.get(field), sort_keys=True) for r in distilled}
+        b = {json.dumps(r.get(field), sort_keys=True) for r in random}
+        if a and b and a != b:
+            return f"the distilled and random students differ in {field} ({', '.join(sorted(a))} vs {', '.join(sorted(b))})"
+    return None
 
 
 FAR_BELOW_RANDOM = 0.03  # a distilled set this far below its random subset (3 points) is flagged
@@ -133,6 +153,12 @@ def far_below_random(regimes: dict) -> list[str]:
             f"the {regime} regime: check that the method's settings fit this data"
             for regime, e in regimes.items()
             if e["improvement_over_random"] is not None and e["improvement_over_random"] < -FAR_BELOW_RANDOM]
+
+
+def refused_comparisons(regimes: dict) -> list[str]:
+    """A warning per regime whose distilled and random students were trained differently (not compared)."""
+    return [f"{regime} regime {e['comparison']['reason']}" for regime, e in regimes.items()
+            if e.get("comparison", {}).get("verdict") == "refused"]
 
 
 def scores(regimes: dict) -> dict:
@@ -205,6 +231,7 @@ def results_table(report: dict) -> str:
         c = e.get("comparison") or {}
         ci = c.get("ci95")
         verdict = (f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] {c['verdict']}" if ci
+                   else "refused (see the warning)" if c.get("verdict") == "refused"
                    else "n/a (fewer than 2 accuracies a side)" if c else "")
         lines.append(f"{name:<{width}} {cell(e['distilled']):>16} {cell(e['random']):>16} "
                      f"{delta(e['improvement_over_random'])}  {verdict}".rstrip())
