@@ -89,8 +89,7 @@ def plan_index(cfg: RunConfig) -> list[list[ShardInfo]]:
     return dataindex.index_groups(cfg)
 
 
-@task(name="index-shards", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
-      retry_condition_fn=_retry_unless_user_error)
+@task(name="index-shards", cache_policy=NO_CACHE)  # retries: retries(orchestration), set by the flow
 def index_shards(cfg: RunConfig, shards: list[ShardInfo]) -> int:
     """Index one group of shards into their parts of the dataset index (parts done already are reused)."""
     return dataindex.index_group(cfg, shards)
@@ -103,14 +102,7 @@ def prepare_run(cfg: RunConfig) -> RunRef:
     return RunRef(config=cfg, token=token)
 
 
-@task(
-    name="run-shard",
-    cache_policy=ShardCachePolicy(),
-    result_serializer="json",
-    retries=1,
-    retry_delay_seconds=5,
-    retry_condition_fn=_retry_unless_user_error,
-)
+@task(name="run-shard", cache_policy=ShardCachePolicy(), result_serializer="json")  # retries: set by the flow
 def run_shard(ref: RunRef, stage: str, shard: Shard, inputs: dict[str, StageManifest]) -> ShardResult:
     """Compute (or validate and reuse) one shard of a stage."""
     return pipeline.run_shard(context_for(ref.config), stage_named(ref.config, stage), shard, inputs)

@@ -60,6 +60,11 @@ class _HidesCredentials(_Section):
     """A section with ``storage_options``: every JSON dump (config.yaml, the Prefect flow run's parameters, a
     deployment's) shows each credential in them as "***"; a "***" loaded back is dropped."""
 
+    @field_validator("storage_options", mode="before", check_fields=False)
+    @classmethod
+    def _credentials_from_environment(cls, v):
+        return _unredacted(v)
+
     @model_serializer(mode="wrap", when_used="json")
     def _hide_credentials(self, dump):
         data = dump(self)
@@ -121,7 +126,6 @@ class DatasetConfig(_HidesCredentials):
         None, description="fsspec options of dataset.root (endpoint, credentials); null: store.storage_options. "
         "Never part of a hash.",
     )
-    _credentials = field_validator("storage_options", mode="before")(lambda v: _unredacted(v))
     image_column: str = Field("image", description="parquet: the image column (binary, or struct<bytes, path>).")
     label_column: str = Field("label", description="parquet: the integer label column.")
     train_split: str = Field("train", description="image-folder: sub-folder of the training split.")
@@ -481,7 +485,6 @@ class StoreConfig(_HidesCredentials):
         description="fsspec options, e.g. {client_kwargs: {endpoint_url: ...}, key: ..., secret: ...}. Empty: the "
         "standard AWS environment variables and files apply.",
     )
-    _credentials = field_validator("storage_options", mode="before")(lambda v: _unredacted(v))
     lock_ttl_s: float = Field(
         120.0, gt=0, description="S3 stores: a run's lease on its run folder (and on a shared output it computes) is "
         "renewed every lock_ttl_s/4 seconds; one not renewed for lock_ttl_s is stale and another run may take it "

@@ -77,6 +77,8 @@ def _parse(data: bytes) -> dict | None:
 class _FileLock:
     """``flock`` on a local file; released by the kernel when the process dies."""
 
+    lost = False  # a flock cannot be taken from its holder
+
     def __init__(self, path: str):
         self.path, self.fd = path, None
 
@@ -103,8 +105,6 @@ class _FileLock:
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd = fd
         return None
-
-    lost = False
 
     def release(self) -> None:
         try:
@@ -229,7 +229,7 @@ def _body(fs, out) -> bytes:
 def _lock_for(store, rel: str, ttl: float):
     if store.local:
         return _FileLock(store.path(rel))
-    if "s3" in getattr(store.fs, "protocol", ()) or "s3a" in getattr(store.fs, "protocol", ()):
+    if store.s3:
         return _Lease(store.fs, store.path(rel), ttl)
     return _ProcessLock(store.url(rel))
 

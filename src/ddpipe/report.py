@@ -118,13 +118,14 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
         if full:
             entry["full"] = summarize(full)
         d, r = entry["distilled"]["mean"], entry["random"]["mean"]
-        entry["improvement_over_random"] = None if d is None or r is None else d - r
         difference = recipe_difference(recipes["distilled"], recipes["random"])
-        if difference is not None:
+        if difference is None:
+            entry["improvement_over_random"] = None if d is None or r is None else d - r
+            entry["comparison"] = compare(entry["distilled"]["values"], entry["random"]["values"])
+        else:  # students trained differently: no difference is reported
             entry["improvement_over_random"] = None
-        entry["comparison"] = compare(entry["distilled"]["values"], entry["random"]["values"]) if difference is None \
-            else {"difference": None, "ci95": None, "verdict": "refused", "method": "welch-t",
-                  "reason": f"not compared: {difference}"}
+            entry["comparison"] = {"difference": None, "ci95": None, "verdict": "refused", "method": "welch-t",
+                                   "reason": f"not compared: {difference}"}
         out[regime] = entry
     return out
 
@@ -201,14 +202,16 @@ def results_rows(report: dict) -> list[dict]:
     def pct(v):
         return None if v is None else round(100 * v, 2)
 
-    return [{"student": s or report["student"], "regime": r,
-             "distilled": pct(e["distilled"]["mean"]), "distilled_std": pct(e["distilled"]["std"]),
-             "random": pct(e["random"]["mean"]), "random_std": pct(e["random"]["std"]),
-             "gain": pct(e["improvement_over_random"]),
-             "gain_ci95_low": pct((e.get("comparison", {}).get("ci95") or [None, None])[0]),
-             "gain_ci95_high": pct((e.get("comparison", {}).get("ci95") or [None, None])[1]),
-             "verdict": e.get("comparison", {}).get("verdict"), "full": pct(e.get("full", {}).get("mean"))}
-            for s, r, e in regime_entries(report)]
+    def row(student, regime, e):
+        comparison = e.get("comparison", {})
+        low, high = comparison.get("ci95") or (None, None)
+        return {"student": student or report["student"], "regime": regime,
+                "distilled": pct(e["distilled"]["mean"]), "distilled_std": pct(e["distilled"]["std"]),
+                "random": pct(e["random"]["mean"]), "random_std": pct(e["random"]["std"]),
+                "gain": pct(e["improvement_over_random"]), "gain_ci95_low": pct(low), "gain_ci95_high": pct(high),
+                "verdict": comparison.get("verdict"), "full": pct(e.get("full", {}).get("mean"))}
+
+    return [row(s, r, e) for s, r, e in regime_entries(report)]
 
 
 def results_table(report: dict) -> str:

@@ -70,6 +70,7 @@ def torch_object(data: bytes, name: str) -> Any:
         raise CheckpointError(f"{name} is not readable: {e.__class__.__name__}: {reason}") from None
 
 
+S3_PROTOCOLS = ("s3", "s3a")
 S3_RETRIES = {"mode": "standard", "max_attempts": 10}
 
 
@@ -78,7 +79,7 @@ def fs_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     ``config_kwargs.retries`` sets one: botocore's standard mode, 10 attempts (500, 502, 503 SlowDown,
     504, throttling and connection errors, with exponential backoff and jitter, up to 20 s apart)."""
     out = dict(options or {})
-    if uri.split("://", 1)[0] in ("s3", "s3a"):
+    if uri.split("://", 1)[0] in S3_PROTOCOLS:
         config = dict(out.get("config_kwargs") or {})
         config.setdefault("retries", dict(S3_RETRIES))
         out["config_kwargs"] = config
@@ -96,6 +97,7 @@ class Store:
             raise StoreError(f"cannot open store '{uri}': {e}") from None
         self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)
+        self.s3 = any(p in S3_PROTOCOLS for p in _protocols(self.fs))
         self.uri = self.root if self.local else self.fs.unstrip_protocol(self.root)
         self._folders: set[str] = set()  # local folders known to exist
 
