@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from ddpipe.report import test_accuracy
+
 
 def _command(store: str, config: str, overrides: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "ddpipe.cli", "run", config, "--engine", "plain", "--no-progress", "--store", store]
@@ -56,7 +58,7 @@ def _table(jobs: list[dict]) -> str:
     for job in jobs:
         by_set: dict[str, dict[str, list[float]]] = {}
         for e in job["evaluations"]:
-            by_set.setdefault(e["set"], {}).setdefault(e["regime"], []).append(e["top1"])
+            by_set.setdefault(e["set"], {}).setdefault(e["regime"], []).append(test_accuracy(e))
         for set_name, regs in sorted(by_set.items()):
             cells = []
             for r in regimes:

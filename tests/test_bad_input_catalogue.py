@@ -354,7 +354,7 @@ def _(tmp):
     return folder_case(tmp, root)
 
 
-@case("folder-ipc-above-class-size", "method.ipc=9", "'n00000000' has 8")
+@case("folder-ipc-above-class-size", "method.ipc=9", "'n00000000' has 7 after 1 held out for validation")
 def _(tmp):
     root = folder_copy(tmp)
     data = dict(TINY, dataset={"kind": "image-folder", "root": str(root), "image_size": 28, "channels": 1},

@@ -19,10 +19,10 @@ def fm_config(**dataset):
 def test_fashion_mnist_from_debian_path():
     src = open_source(fm_config())
     assert src.classes == list(FASHION_MNIST_CLASSES)
-    assert (len(src.train), len(src.test)) == (60000, 10000)
-    assert src.train.class_counts().tolist() == [6000] * 10
+    assert (len(src.train), len(src.val), len(src.test)) == (54000, 6000, 10000)  # val_fraction 0.1 by default
+    assert src.train.class_counts().tolist() == [5400] * 10 and src.val.class_counts().tolist() == [600] * 10
     idx = src.train.class_indices(3)
-    assert (src.train.labels[idx] == 3).all() and len(idx) == 6000
+    assert (src.train.labels[idx] == 3).all() and len(idx) == 5400
     img = src.train.image(int(idx[0]))
     assert img.dtype == torch.uint8 and img.shape == (1, 28, 28) and img.max() > 0
 
@@ -37,18 +37,41 @@ def test_fashion_mnist_from_torchvision_root(tmp_path):
     a = open_source(fm_config(root=str(tmp_path), train_per_class=5, test_per_class=5))
     b = open_source(fm_config(train_per_class=5, test_per_class=5))
     assert a.fingerprint == b.fingerprint
-    assert torch.equal(a.train.batch(range(50)), b.train.batch(range(50)))
+    assert torch.equal(a.train.batch(range(len(a.train))), b.train.batch(range(len(b.train))))
 
 
 @pytest.mark.fmnist
 def test_slices_keep_the_first_images_of_each_class_and_change_the_fingerprint():
-    full = open_source(fm_config())
-    small = open_source(fm_config(train_per_class=7, test_per_class=3))
+    full = open_source(fm_config(val_fraction=0))
+    small = open_source(fm_config(train_per_class=7, test_per_class=3, val_fraction=0))
+    assert full.val is None
     assert small.train.class_counts().tolist() == [7] * 10 and len(small.test) == 30
     for c in range(10):
         first = full.train.class_indices(c)[:7]
         assert torch.equal(small.train.batch(small.train.class_indices(c)), full.train.batch(first))
     assert small.fingerprint != full.fingerprint
+
+
+@pytest.mark.fmnist
+def test_the_validation_split_is_held_out_of_training_fixed_and_per_class():
+    whole = open_source(fm_config(train_per_class=50, val_fraction=0))
+    src = open_source(fm_config(train_per_class=50))  # 10 % of 50: 5 per class
+    assert src.val.class_counts().tolist() == [5] * 10 and src.train.class_counts().tolist() == [45] * 10
+
+    def ids(split):
+        return {split.source_id(i) for i in range(len(split))}
+
+    train, val = ids(src.train), ids(src.val)
+    assert not train & val and train | val == ids(whole.train)  # disjoint, and together the training split
+    for i in range(len(src.val)):  # the same images and labels as in the training file
+        j = int(src.val.source_id(i).split("/")[1])
+        assert torch.equal(src.val.image(i), whole.train.image(j)) and src.val.labels[i] == whole.train.labels[j]
+    again = open_source(fm_config(train_per_class=50, val_per_class=5))
+    assert ids(again.val) == val and again.fingerprint == src.fingerprint  # fixed: the same slice every time
+    other = open_source(fm_config(train_per_class=50, val_per_class=3))
+    assert other.val.class_counts().tolist() == [3] * 10 and other.fingerprint != src.fingerprint
+    positions = [int(v.split("/")[1]) for v in ids(src.val)]  # not the first images of each class: drawn
+    assert sorted(positions) != sorted(np.concatenate([whole.train.class_indices(c)[:5] for c in range(10)]).tolist())
 
 
 def test_missing_fashion_mnist_names_the_install_hint(tmp_path):
@@ -86,7 +109,7 @@ def write_image_folder(root, per_class=6, classes=3, size=28, rgb=False):
 def folder_config(root, **extra):
     """An image-folder config on ``root``; its store (and so the dataset index) next to the data."""
     return build_config({"name": "f", "dataset": {"kind": "image-folder", "root": str(root), "image_size": 28,
-                                                    "channels": 1, **extra},
+                                                    "channels": 1, "val_fraction": 0, **extra},
                          "store": {"uri": str(root.parent / "store")}})
 
 
@@ -101,6 +124,12 @@ def test_image_folder_lists_classes_and_loads_images(tmp_path):
     assert native.shape == (1, 28, 32)  # native size kept
     batch = src.train.batch([0, 1, 7])
     assert batch.shape == (3, 1, 28, 28) and batch.dtype == torch.uint8
+    held = open_source(folder_config(root, val_per_class=2))  # the validation split of an indexed source
+    train, val = ({s.source_id(i) for i in range(len(s))} for s in (held.train, held.val))
+    assert len(train) == 12 and len(val) == 6 and not train & val
+    assert train | val == {src.train.source_id(i) for i in range(len(src.train))}
+    k = next(i for i in range(len(src.train)) if src.train.source_id(i) == held.val.source_id(0))
+    assert torch.equal(held.val.image(0), src.train.image(k)) and held.val.labels[0] == src.train.labels[k]
 
 
 @pytest.mark.fmnist

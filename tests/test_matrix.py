@@ -73,7 +73,8 @@ def test_a_crashed_matrix_resumes_without_redoing_finished_cells(tmp_path):
     assert hard["hlr"] == pytest.approx(hard["full"]["mean"] - hard["distilled"]["mean"])
     md = store.read_bytes("report.md").decode()
     assert "## hard" in md and "| herding |" in md and "*full training set*" in md
-    assert f"{100 * hard['distilled']['mean']:.2f} ({100 * hard['ior']:+.2f})" in md
+    assert f"{100 * hard['distilled']['mean']:.2f} ({100 * hard['ior']:+.2f} n/a)" in md  # one seed: no verdict
+    assert saved["pending"] == [] and saved["not_run"] == []
 
 
 def test_part_of_a_matrix_runs_the_same_cells(tmp_path):
@@ -86,3 +87,34 @@ def test_part_of_a_matrix_runs_the_same_cells(tmp_path):
     assert only[:2] == ("herding", 2) and only[2].run_name in whole
     with pytest.raises(ConfigError, match="no method 'nope'"):
         select(spec, ["nope"])
+
+
+def test_the_report_gives_verdicts_and_names_cells_not_run_or_pending():
+    from ddpipe.matrix import markdown_report, skipped
+    from ddpipe.scores import compare
+
+    def row(method, ipc, distilled, random):
+        acc = {"mean": sum(distilled) / len(distilled), "std": 0.01, "values": distilled}
+        ref = {"mean": sum(random) / len(random), "std": 0.01, "values": random}
+        comparison = compare(distilled, random)
+        return {"method": method, "ipc": ipc, "regime": "hard", "distilled": acc, "random": ref, "full": None,
+                "ior": comparison["difference"], "hlr": None, "lrs": None, "comparison": comparison}
+
+    rows = [row("herding", 10, [0.80, 0.81, 0.82], [0.70, 0.71, 0.72, 0.70, 0.71, 0.72]),
+            row("el2n", 10, [0.30, 0.31, 0.32], [0.70, 0.71, 0.72, 0.70, 0.71, 0.72]),
+            row("rded", 10, [0.70, 0.72, 0.71], [0.70, 0.71, 0.72, 0.70, 0.71, 0.72])]
+    spec = MatrixConfig(name="t", run="x.yaml", ipc=(10, 50), methods={"herding": [], "el2n": [], "rded": [],
+                                                                        "gvbsm": []},
+                        not_run={"gvbsm": "four backbones: 9 h on 2 cores", "el2n@50": "no time"})
+    assert skipped(spec, "gvbsm", 10) == skipped(spec, "gvbsm", 50) == "four backbones: 9 h on 2 cores"
+    assert skipped(spec, "el2n", 50) == "no time" and skipped(spec, "el2n", 10) is None
+    not_run = [(m, i, skipped(spec, m, i)) for m in spec.methods for i in spec.ipc if skipped(spec, m, i)]
+    md = markdown_report("t", rows, not_run, pending=[("herding", 50)], notes=("Budget: 300 student steps.",))
+    assert "Budget: 300 student steps." in md
+    assert "- **above random**: herding IPC 10 hard (+10.00 [" in md and "] above)" in md
+    assert "- **below random**: el2n IPC 10 hard (-40.00 [" in md
+    assert "level with random (the interval covers 0): 1 of 3 cells" in md
+    assert "| gvbsm | not run (see below) | not run (see below) |" in md
+    assert "| herding | 81.00 ± 1.00 (+10.00 [" in md and "| pending |" in md
+    assert "- gvbsm IPC 50: not run: four backbones: 9 h on 2 cores" in md and "- el2n IPC 50: not run: no time" in md
+    assert "- herding IPC 50: pending" in md

@@ -76,7 +76,7 @@ def test_mse_loss_compares_logits_up_to_a_shift(tmp_path):
 
 def _stats(teacher, source, cfg):
     mean, std = cfg.normalization
-    moments = collect(teacher.model, source.train, np.arange(0, 1000, 2), 4, 250, mean, std, "cpu", cfg.runtime)
+    moments = collect(teacher.model, source.train, np.arange(0, len(source.train), 2), 4, 250, mean, std, "cpu", cfg.runtime)
     return global_statistics(teacher.model, moments, 4)
 
 

@@ -40,7 +40,7 @@ def shaped(tmp_path_factory):
 
 
 def config(root, kind, store, **dataset):
-    return build_config({"name": "s", "dataset": {"kind": kind, "root": str(root), "image_size": 64, **dataset},
+    return build_config({"name": "s", "dataset": {"kind": kind, "root": str(root), "image_size": 64, "val_fraction": 0, **dataset},
                          "store": {"uri": str(store)}, "runtime": {"index_threads": 2}})
 
 
@@ -294,7 +294,7 @@ def test_indexing_as_groups_of_shards_as_the_flow_runs_it(shaped, tmp_path, monk
     assert sum(index_group(cfg, g) for g in groups) == 36 and len(calls) == 8
     assert sum(index_group(cfg, g) for g in groups) == 36 and len(calls) == 8  # a retried task: parts reused
     src = open_source(cfg)  # joins the parts the groups wrote
-    assert len(calls) == 8 and len(src.train) == 24 and index_groups(cfg) == []
+    assert len(calls) == 8 and len(src.train) + len(src.val) == 24 and index_groups(cfg) == []
 
 
 def test_device_decode_path_matches_the_cpu_loader(shaped, tmp_path):

@@ -140,6 +140,16 @@ class DatasetConfig(_HidesCredentials):
         None, ge=1, description="Keep only the first N training images of each class (a slice for quick runs)."
     )
     test_per_class: int | None = Field(None, ge=1, description="Keep only the first N test images of each class.")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="The validation split: this fraction of each class's training images (rounded, "
+        "at least 1 where the class has 2 or more), drawn by a fixed seeded permutation and held out of every stage "
+        "that trains or selects. The teacher gate and any choice of settings read it; the test split is read only "
+        "by the final evaluation. 0: no validation split.",
+    )
+    val_per_class: int | None = Field(
+        None, ge=0, description="The validation split as a count per class instead of val_fraction (at most all but "
+        "one of a class's training images).",
+    )
     flip: bool = Field(
         True, description="Mirrored images keep their class. false (digits, text, ...): no stage flips images; the "
         "teacher, student and recovery flips default to off, and turning one on is refused.",
@@ -172,7 +182,8 @@ class TeacherConfig(_Section):
         default_factory=lambda: AugmentConfig(crop_scale=(0.6, 1.0), flip=True), description="Training augmentation."
     )
     min_val_accuracy: float = Field(
-        0.0, ge=0, le=1, description="Refuse to distill with a teacher whose measured test accuracy is lower."
+        0.0, ge=0, le=1, description="Refuse to distill with a teacher whose accuracy on the validation split "
+        "(dataset.val_fraction) is lower."
     )
 
 
@@ -444,6 +455,11 @@ class EvaluationConfig(_Section):
         True, description="Also train students on the random subset (the baseline). Off when the same baseline "
         "was already measured (same data, teacher, labels, ipc and students): halves the evaluation time.",
     )
+    baseline_draws: int = Field(
+        3, ge=1, description="Independent random subsets per IPC, each evaluated with the same students and seeds "
+        "as the distilled set; the random side of every comparison pools draws x seeds, so the verdict's interval "
+        "covers the subset-to-subset spread. Draw 0 holds the images of the 'random' selection method.",
+    )
     epochs: int = Field(300, ge=1, description="Passes over the distilled set (same step count for the random subset).")
     steps: int | None = Field(
         None, ge=1, description="A fixed budget of student steps (batches), the same for every set and method; "
@@ -612,6 +628,9 @@ class RunConfig(_Section):
                     raise ValueError(f"method {self.method.name} matches BatchNorm statistics: {where} needs norm: batch")
         if self.evaluation.full and d.kind != "fashion-mnist":
             raise ValueError("evaluation.full holds the whole training split in memory: fashion-mnist only for now")
+        if self.teacher.min_val_accuracy > 0 and not self.has_val_split:
+            raise ValueError("teacher.min_val_accuracy needs a validation split: dataset.val_fraction (or "
+                             "val_per_class) is 0")
         if self.labels.ensemble and not self.teacher.ensemble:
             raise ValueError("labels.ensemble needs at least one backbone in teacher.ensemble")
         if self.method.stitches and self.method.candidates_per_class < need:
@@ -639,6 +658,24 @@ class RunConfig(_Section):
         if self.channels != len(mean):
             mean, std = (sum(mean) / len(mean),) * self.channels, (sum(std) / len(std),) * self.channels
         return tuple(self.dataset.mean or mean), tuple(self.dataset.std or std)
+
+    @property
+    def has_val_split(self) -> bool:
+        d = self.dataset
+        return (d.val_per_class or 0) > 0 if d.val_per_class is not None else d.val_fraction > 0
+
+    def val_count(self, n: int) -> int:
+        """How many of a class's ``n`` training images the validation split holds (at least 1 where n >= 2)."""
+        d = self.dataset
+        want = d.val_per_class if d.val_per_class is not None else round(d.val_fraction * n)
+        if not self.has_val_split or n < 2:
+            return 0
+        return min(n - 1, max(1, want))
+
+    @property
+    def random_sets(self) -> tuple[str, ...]:
+        """The random subsets (``evaluation.baseline_draws`` of them): ``random``, ``random-1``, ..."""
+        return tuple("random" if d == 0 else f"random-{d}" for d in range(self.evaluation.baseline_draws))
 
     @property
     def input_format(self) -> InputFormat:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddpipe.augment import crop_resize, quantize
+from ddpipe.augment import crop_resize, generator, quantize
 from ddpipe.config import RunConfig
 from ddpipe.decode import decode_jpegs_cuda, is_jpeg, reduction
 from ddpipe.errors import DataError, DatasetNotFoundError, DDPipeError
@@ -80,6 +80,10 @@ class Split:
     @property
     def fingerprint(self) -> str:
         return _sha256(f"{self.base_fingerprint}:{self.name}:{self.image_size}:{self.channels}".encode())
+
+    def subset(self, name: str, positions: np.ndarray) -> "Split":
+        """The images at ``positions`` (ascending) of this split as a split of their own, named ``name``."""
+        raise NotImplementedError
 
     # -- image access --
     def source_id(self, i: int) -> str:
@@ -212,14 +216,22 @@ def loader(items, fn: Callable, batch_size: int, runtime=None) -> Iterator[list]
 
 
 class ArraySplit(Split):
-    """A split held in memory as one uint8 array (Fashion-MNIST)."""
+    """A split held in memory as one uint8 array (Fashion-MNIST). ``ids``: each image's position in the file split
+    ``origin`` it came from (default: its own position in ``name``), which names it in :meth:`source_id`."""
 
-    def __init__(self, name, images: np.ndarray, labels, num_classes, base_fingerprint):
+    def __init__(self, name, images: np.ndarray, labels, num_classes, base_fingerprint, ids=None, origin=None):
         self.images = torch.from_numpy(images)  # [N, C, H, W] uint8
+        self.ids = np.arange(len(labels)) if ids is None else ids
+        self.origin = origin or name
         super().__init__(name, labels, num_classes, images.shape[-1], images.shape[1], base_fingerprint)
 
+    def subset(self, name, positions):
+        return ArraySplit(name, self.images[torch.as_tensor(positions, dtype=torch.long)].numpy(),
+                          self.labels[positions], self.num_classes, subset_fingerprint(self, positions),
+                          self.ids[positions], self.origin)
+
     def source_id(self, i: int) -> str:
-        return f"{self.name}/{int(i)}"
+        return f"{self.origin}/{int(self.ids[int(i)])}"
 
     def decoded(self, i, reduce=1, size=None):
         img = self.images[int(i)]
@@ -249,14 +261,20 @@ def resize_center(img: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
 
 
+def subset_fingerprint(split: Split, positions: np.ndarray) -> str:
+    return _sha256(f"{split.fingerprint}:{_sha256(np.asarray(positions, dtype=np.int64).tobytes())}".encode())
+
+
 @dataclass
 class DataSource:
-    """A dataset: the ordered class list and its train and test splits."""
+    """A dataset: the ordered class list, its train and test splits, and the validation split held out of the
+    training split (:func:`hold_out`; None without one)."""
 
     kind: str
     classes: list[str]
     train: Split
     test: Split
+    val: Split | None = None
 
     @property
     def num_classes(self) -> int:
@@ -264,7 +282,32 @@ class DataSource:
 
     @property
     def fingerprint(self) -> str:
-        return _sha256(f"{self.kind}:{self.classes}:{self.train.fingerprint}:{self.test.fingerprint}".encode())
+        val = self.val.fingerprint if self.val is not None else None
+        return _sha256(f"{self.kind}:{self.classes}:{self.train.fingerprint}:{self.test.fingerprint}:{val}".encode())
+
+
+def val_positions(cfg: RunConfig, split: Split) -> np.ndarray:
+    """Positions (ascending) of the validation images in the training split: per class, the first
+    ``cfg.val_count(n)`` of a permutation seeded by the class index alone, so the split is a property of the data
+    and ``dataset.val_*``, the same for every run seed and method."""
+    picks = []
+    for c in range(split.num_classes):
+        pool = split.class_indices(c)
+        k = cfg.val_count(len(pool))
+        if k:
+            picks.append(pool[torch.randperm(len(pool), generator=generator(0, "val", c))[:k].numpy()])
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
+
+
+def hold_out(cfg: RunConfig, source: DataSource) -> DataSource:
+    """``source`` with its validation split (``dataset.val_fraction`` / ``val_per_class``) taken out of the
+    training split: every stage that trains or selects sees only the rest."""
+    if not cfg.has_val_split:
+        return source
+    val = val_positions(cfg, source.train)
+    rest = np.setdiff1d(np.arange(len(source.train)), val, assume_unique=True)
+    return DataSource(source.kind, source.classes, source.train.subset("train", rest),
+                      source.test, source.train.subset("val", val))
 
 
 # ---------------------------------------------------------------- Fashion-MNIST

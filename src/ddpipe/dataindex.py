@@ -24,6 +24,7 @@ error names. The data fingerprint of a run is the sha256 of the split's joined i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ddpipe.config import RunConfig
-from ddpipe.data import DataSource, Split, fashion_mnist, slice_per_class
+from ddpipe.data import DataSource, Split, subset_fingerprint, fashion_mnist, hold_out, slice_per_class
 from ddpipe.decode import decode, decode_crops
 from ddpipe.codehash import shared_key
 from ddpipe.errors import DataError
@@ -219,6 +220,14 @@ class IndexedSplit(Split):
         super().__init__(name, labels if rows is None else labels[rows], num_classes, image_size, channels,
                          fingerprint)
 
+    def subset(self, name, positions):
+        view = copy.copy(self)  # shares the index columns
+        view.name, view.rows = name, positions if self.rows is None else self.rows[positions]
+        view.base_fingerprint = subset_fingerprint(self, positions)
+        Split.__init__(view, name, self.labels[positions], self.num_classes, self.image_size, self.channels,
+                       view.base_fingerprint)
+        return view
+
     def _row(self, i: int) -> int:
         return int(i) if self.rows is None else int(self.rows[int(i)])
 
@@ -289,6 +298,4 @@ def open_indexed(cfg: RunConfig) -> DataSource:
 def open_source(cfg: RunConfig) -> DataSource:
     """Open the dataset the config names (Fashion-MNIST in memory, any other kind through its index); raises
     DatasetNotFoundError / DataError with a one-line message."""
-    if cfg.dataset.kind == "fashion-mnist":
-        return fashion_mnist(cfg)
-    return open_indexed(cfg)
+    return hold_out(cfg, fashion_mnist(cfg) if cfg.dataset.kind == "fashion-mnist" else open_indexed(cfg))

@@ -1,7 +1,7 @@
 """The ``dataset`` stage: the run's class list, image counts and data fingerprint.
 
-It writes ``dataset/classes.parquet`` (:data:`CLASSES_SCHEMA`) and ``dataset/dataset.json`` (kind, fingerprints,
-counts, image size, channels). Its key includes the data's fingerprint, and its manifest enters every later
+It writes ``dataset/classes.parquet`` (:data:`CLASSES_SCHEMA`: per class its training, test and validation
+image counts) and ``dataset/dataset.json`` (kind, fingerprints, counts, image size, channels). Its key includes the data's fingerprint, and its manifest enters every later
 stage's key. The sources themselves are :mod:`ddpipe.data`.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 
 from ddpipe.data import DataSource
@@ -23,6 +24,7 @@ CLASSES_SCHEMA = pa.schema(
         pa.field("class_name", pa.string(), nullable=False),
         pa.field("train_images", pa.int64(), nullable=False),
         pa.field("test_images", pa.int64(), nullable=False),
+        pa.field("val_images", pa.int64(), nullable=False),
     ]
 )
 
@@ -30,11 +32,13 @@ CLASSES_SCHEMA = pa.schema(
 def check_class_sizes(ipc: int, patches_per_class: int, factor: int, src: DataSource) -> None:
     """Every class must have ``patches_per_class`` training images (factor^2 x ipc); the test split must not be
     empty."""
+    val = src.val.class_counts() if src.val is not None else np.zeros(src.num_classes, dtype=np.int64)
     for c, n in enumerate(src.train.class_counts()):
         if n < patches_per_class:
+            held = f" after {val[c]} held out for validation (dataset.val_fraction)" if val[c] else ""
             raise DataError(
                 f"method.ipc={ipc} needs {patches_per_class} training images per class (factor^2 x ipc with factor "
-                f"{factor}), but class '{src.classes[c]}' has {n}"
+                f"{factor}), but class '{src.classes[c]}' has {n}{held}"
             )
     if len(src.test) == 0:
         raise DataError("the test split has no images")
@@ -50,15 +54,17 @@ def run_dataset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     cfg, src = ctx.cfg, ctx.source
     check_class_sizes(cfg.method.ipc, cfg.patches_per_class, cfg.factor, src)
     train, test = src.train.class_counts(), src.test.class_counts()
+    val = src.val.class_counts() if src.val is not None else np.zeros(src.num_classes, dtype=np.int64)
     table = pa.table(
         {"class_index": list(range(src.num_classes)), "class_name": src.classes, "train_images": train.tolist(),
-         "test_images": test.tolist()},
+         "test_images": test.tolist(), "val_images": val.tolist()},
         schema=CLASSES_SCHEMA,
     )
     info = {
         "kind": src.kind, "fingerprint": src.fingerprint, "train_fingerprint": src.train.fingerprint,
         "test_fingerprint": src.test.fingerprint, "num_classes": src.num_classes, "image_size": cfg.image_size,
         "channels": cfg.channels, "train_images": len(src.train), "test_images": len(src.test),
+        "val_images": int(val.sum()), "val_fingerprint": src.val.fingerprint if src.val is not None else None,
     }
     return [
         ctx.store.write_table("dataset/classes.parquet", table),

@@ -1,6 +1,7 @@
 """Evaluation: train a student from scratch on a small image set and measure top-1 on the real test split;
 the ``evaluation`` stage (a shard per set x regime x seed x student architecture,
-``evaluation/{set}-{regime}-seed{S}[-studentK].json``).
+``evaluation/{set}-{regime}-seed{S}[-studentK].json``; sets: ``distilled``, the random subsets ``random``,
+``random-1``, ... and ``full``).
 
 Three label regimes (Dey et al. 2026, "Hard truths about soft labels"):
 
@@ -36,7 +37,7 @@ from ddpipe.augment import Augmenter, crop_resize, generator, seed_for
 from ddpipe.config import EvaluationConfig, RunConfig
 from ddpipe.data import DataSource, normalize
 from ddpipe.dataset import dataset_classes
-from ddpipe.imageset import SETS, read_class, regions, set_factor
+from ddpipe.imageset import read_class, regions, run_sets, set_factor
 from ddpipe.labels import expand
 from ddpipe.manifests import stage_files
 from ddpipe.models import ModelSpec, init_model
@@ -173,21 +174,25 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
 
 
 def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, seed: int, device,
-             teacher: nn.Module | None = None, progress=None, student_index: int = 0) -> dict:
-    """Train one student and return its final top-1 on the test split (plus the recipe's step count)."""
+             teacher: nn.Module | None = None, progress=None, student_index: int = 0, on: str = "test") -> dict:
+    """Train one student and return its final top-1 on the test split, ``test_accuracy`` (plus its recipe). With
+    ``on="val"``: on the validation split instead, ``val_accuracy`` (what a choice of settings may read)."""
     student = train_student(cfg, regime, data, source.num_classes, seed, device, teacher, progress, student_index)
     mean, std = cfg.normalization
-    top1 = accuracy(student, source.test, mean, std, device, cfg.runtime, cfg.evaluation.test_batch_size)
+    split = {"test": source.test, "val": source.val}[on]
+    if split is None:
+        raise ValueError("no validation split (dataset.val_fraction is 0)")
+    top1 = accuracy(student, split, mean, std, device, cfg.runtime, cfg.evaluation.test_batch_size)
     bs = cfg.student_batch_size(data.budget)
     return {
         "regime": regime,
         "seed": seed,
         "model": student_models(cfg)[student_index].model_dump(mode="json"),
-        "top1": round(top1, 6),
+        f"{on}_accuracy": round(top1, 6),
         "images": len(data),
         "batch_size": bs,
         "steps": cfg.student_steps(data.budget),
-        "test_images": len(source.test),
+        f"{on}_images": len(split),
     }
 
 
@@ -234,9 +239,9 @@ def baseline_key(ctx: Context, shard: Shard, inputs) -> str:
     teachers (online KD), the data, the student recipe and budget, the regime and seed, and the code."""
     cfg = ctx.cfg
     files = []
-    if shard.set == "random":
-        files += [f for f in stage_files(ctx.store, inputs["random_subset"])]
-        files += [f for f in stage_files(ctx.store, inputs["labels"]) if f.path.startswith("random/")]
+    if shard.set != "full":  # a random subset: its own images and labels
+        files += [f for f in stage_files(ctx.store, inputs["random_subset"]) if f.path.startswith(f"{shard.set}/")]
+        files += [f for f in stage_files(ctx.store, inputs["labels"]) if f.path.startswith(f"{shard.set}/")]
         files += [f for f in stage_files(ctx.store, inputs["teacher"]) if f.path.endswith(".pt")]
     payload = {
         "set": shard.set, "files": sorted((f.path, f.sha256) for f in files), "test": ctx.source.test.fingerprint,
@@ -268,7 +273,7 @@ def run_evaluation(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
         return {"result.json": json.dumps(result, indent=1, sort_keys=True).encode()}
 
     rel = f"evaluation/{shard.id}.json"
-    if shard.set in ("random", "full"):  # the same reference student for every method run with the same inputs and recipe
+    if shard.set != "distilled":  # the same reference student for every method run with the same inputs and recipe
         out = shared_outputs(ctx.cfg, "baselines", baseline_key(ctx, shard, inputs), compute)
     else:
         out = compute()
@@ -280,7 +285,7 @@ def _eval_shards(ctx: Context, num_classes: int) -> list[Shard]:
     return [
         Shard(id=f"{s}-{r}-seed{seed}" + (f"-student{k}" if k else ""), set=s, regime=r, seed=seed, student=k)
         for k in range(len(student_models(ctx.cfg))) for r in ev.regimes for seed in ev.seeds
-        for s in SETS if s == "distilled" or ev.baseline
+        for s in run_sets(ctx.cfg) if s == "distilled" or ev.baseline
     ] + [Shard(id=f"full-hard-seed{seed}", set="full", regime="hard", seed=seed, student=0)
          for seed in ev.seeds if ev.full and "hard" in ev.regimes]
 

@@ -1,6 +1,7 @@
 """The image-set format: how the distilled set and the random subset are stored in a run folder.
 
-A set (``distilled`` or ``random``; diffusion's pool ``generated`` too) holds, per class ``c``:
+A set (``distilled``, the random subsets ``random``, ``random-1``, ... of ``evaluation.baseline_draws``;
+diffusion's pool ``generated`` too) holds, per class ``c``:
 
 - ``<set>/images/CCCCC/classCCCCC_idJJJJJ.png``: image ``j`` of the class (uint8, the run's size and channels);
 - ``<set>/provenance/class=CCCCC.parquet``: one row per image region (:data:`PROVENANCE_SCHEMA`): where the
@@ -24,7 +25,11 @@ from PIL import Image
 from ddpipe.data import Split, loader
 from ddpipe.store import FileRecord, Store
 
-SETS = ("distilled", "random")  # the sets every run labels and evaluates
+
+def run_sets(cfg) -> tuple[str, ...]:
+    """The sets every run labels and evaluates: the distilled set, then each random subset."""
+    return ("distilled", *cfg.random_sets)
+
 
 PROVENANCE_SCHEMA = pa.schema(
     [

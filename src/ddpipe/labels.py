@@ -21,7 +21,7 @@ from ddpipe.augment import crop_resize
 from ddpipe.config import LabelsConfig, RuntimeConfig
 from ddpipe.data import normalize
 from ddpipe.dataset import dataset_classes
-from ddpipe.imageset import SETS, read_class, regions, set_factor
+from ddpipe.imageset import read_class, run_sets, regions, set_factor
 from ddpipe.pipeline import Context, Shard, Stage, class_groups
 from ddpipe.store import FileRecord
 from ddpipe.teacher import label_model
@@ -135,7 +135,7 @@ def run_labels(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
 
 def _label_shards(ctx: Context, num_classes: int) -> list[Shard]:
     return [
-        Shard(id=f"{s}-{g.id}", classes=g.classes, set=s) for s in SETS for g in class_groups(ctx, num_classes)
+        Shard(id=f"{s}-{g.id}", classes=g.classes, set=s) for s in run_sets(ctx.cfg) for g in class_groups(ctx, num_classes)
     ]
 
 

@@ -9,10 +9,13 @@ baseline and full-set students are trained once per IPC for all methods (shared 
 The report, written to ``<store>/matrices/<name>-<hash>/``:
 
 - ``report.json``: ``{"matrix": name, "cells": [{"method", "ipc", "run", "regimes": {...}, "scores":
-  {...}}], "rows": [...]}``, one row per (method, ipc, regime) with ``distilled``, ``random``, ``full``
-  (means and stds, fractions), ``ior``, ``hlr``, ``lrs``;
-- ``report.md``: a Markdown table per regime (rows: methods; columns: IPCs; mean +- std in percent, IOR),
-  then the HLR and LRS tables;
+  {...}}], "rows": [...], "not_run": [{"method", "ipc", "reason"}], "pending": [{"method", "ipc"}]}``, one row
+  per (method, ipc, regime) with ``distilled``, ``random``, ``full`` (means and stds, fractions), ``ior``,
+  ``comparison`` (:func:`ddpipe.scores.compare`), ``hlr``, ``lrs``;
+- ``report.md``: the verdicts at 95 % (which methods are above and below random, in which regime and at which
+  IPC), a Markdown table per regime (rows: methods; columns: IPCs; mean +- std in percent, the difference to
+  random with its 95 % interval and verdict), the HLR and LRS tables, and the cells not run (``not_run``, with
+  the reason) or still pending;
 - ``accuracy.png``: accuracy against IPC, one panel per regime, one line per method, random dashed.
 """
 
@@ -49,6 +52,11 @@ class MatrixConfig(BaseModel):
         "in order; e.g. ca2d: [base/fashion-mnist-rded.yaml, {method: {name: ca2d}}]."
     )
     overrides: tuple[str, ...] = Field((), description="Dotted-key overrides applied to every cell last.")
+    not_run: dict[str, str] = Field(
+        {}, description="Cells this matrix does not run, each with the reason the report gives: a method label "
+        "(every IPC) or 'label@ipc' -> reason (e.g. what it would cost)."
+    )
+    notes: tuple[str, ...] = Field((), description="Lines the report prints under its title (budget, variants).")
 
 
 def load_matrix(path: str | Path) -> tuple[MatrixConfig, Path]:
@@ -105,12 +113,24 @@ def matrix_store(matrix: MatrixConfig, cells: list[tuple[str, int, RunConfig]]) 
     return Store(cfg.store.uri, cfg.store.storage_options).child(f"matrices/{matrix.name}-{digest}")
 
 
+def skipped(matrix: MatrixConfig, label: str, ipc: int) -> str | None:
+    """Why the matrix does not run cell (label, ipc), or None when it does."""
+    return matrix.not_run.get(f"{label}@{ipc}", matrix.not_run.get(label))
+
+
 def run_matrix(matrix: MatrixConfig, root: Path, run: Callable[[RunConfig], dict],
                overrides: tuple[str, ...] | list[str] = ()) -> dict:
-    """Run every cell with ``run`` (the plain runner or the distill flow) and write the comparison report."""
+    """Run every cell with ``run`` (the plain runner or the distill flow) except those ``not_run`` names; the
+    comparison report is written after each cell, so a matrix spread over several sessions always has the
+    report of the cells finished so far (the others listed as pending)."""
     cells = cell_configs(matrix, root, overrides)
-    reports = [(label, ipc, run(cfg)) for label, ipc, cfg in cells]
-    return write_matrix_report(matrix, matrix_store(matrix, cells), reports)
+    store = matrix_store(matrix, cells)
+    todo = [(label, ipc, cfg) for label, ipc, cfg in cells if skipped(matrix, label, ipc) is None]
+    reports = []
+    for k, (label, ipc, cfg) in enumerate(todo):
+        reports.append((label, ipc, run(cfg)))
+        report = write_matrix_report(matrix, store, reports, pending=[(m, i) for m, i, _ in todo[k + 1:]])
+    return report if todo else write_matrix_report(matrix, store, [])
 
 
 def matrix_rows(reports: list[tuple[str, int, dict]]) -> list[dict]:
@@ -122,6 +142,7 @@ def matrix_rows(reports: list[tuple[str, int, dict]]) -> list[dict]:
                 "full": e.get("full"), "ior": e["improvement_over_random"],
                 "hlr": report["scores"]["hard_label_recovery"],
                 "lrs": report["scores"]["label_robust_score"].get(regime), "steps": e.get("steps"),
+                "comparison": e.get("comparison"),
             })
     return rows
 
@@ -136,22 +157,54 @@ def _signed(v: float | None, scale: float = 100.0, digits: int = 2) -> str:
     return "n/a" if v is None else f"{scale * v:+.{digits}f}"
 
 
-def markdown_report(name: str, rows: list[dict]) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    ipcs = sorted({r["ipc"] for r in rows})
+def _verdict(c: dict) -> str:
+    """A cell's difference to random with its 95 % interval and verdict, in points."""
+    comp = c.get("comparison") or {}
+    if comp.get("verdict") == "refused":
+        return f"refused: {comp.get('reason', '')}"
+    if comp.get("ci95"):
+        lo, hi = comp["ci95"]
+        return f"{_signed(c['ior'])} [{_signed(lo)}, {_signed(hi)}] {comp['verdict']}"
+    return f"{_signed(c['ior'])} n/a"
+
+
+def verdict_lines(rows: list[dict]) -> list[str]:
+    """Which methods are above and below random, per regime and IPC, at 95 %."""
+    out = []
+    for verdict in ("above", "below"):
+        hits = [r for r in rows if (r.get("comparison") or {}).get("verdict") == verdict]
+        names = ", ".join(f"{r['method']} IPC {r['ipc']} {r['regime']} ({_verdict(r)})" for r in hits)
+        out.append(f"- **{verdict} random**: {names or 'none'}")
+    level = [r for r in rows if (r.get("comparison") or {}).get("verdict") == "level"]
+    out.append(f"- level with random (the interval covers 0): {len(level)} of {len(rows)} cells")
+    other = [r for r in rows if (r.get("comparison") or {}).get("verdict") not in ("above", "below", "level")]
+    if other:
+        out.append(f"- no verdict (fewer than 2 accuracies a side, or refused): {len(other)} cells")
+    return out
+
+
+def markdown_report(name: str, rows: list[dict], not_run: list[tuple[str, int, str]] = (),
+                    pending: list[tuple[str, int]] = (), notes: tuple[str, ...] = ()) -> str:
+    methods = list(dict.fromkeys([r["method"] for r in rows] + [m for m, _, _ in not_run] + [m for m, _ in pending]))
+    ipcs = sorted({r["ipc"] for r in rows} | {i for _, i, _ in not_run} | {i for _, i in pending})
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
     at = {(r["method"], r["ipc"], r["regime"]): r for r in rows}
+    why = {(m, i): reason for m, i, reason in not_run}
+    waiting = set(pending)
     head = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |\n|---|" + "---|" * len(ipcs)
-    out = [f"# Evaluation matrix: {name}", "",
-           "Top-1 test accuracy (%) at the final step, mean ± std over seeds; IOR, the improvement over the random "
-           "subset of the same IPC under the same regime and students, in points. Random subset and full training "
-           "set rows are the references.", ""]
+    out = [f"# Evaluation matrix: {name}", "", *[f"{n}" for n in notes], *([""] if notes else []),
+           "Top-1 test accuracy (%) at the final step, mean ± std over student seeds; then the difference to the "
+           "random subsets of the same IPC (same regime and students; mean over draws x seeds) in points, its 95 % "
+           "Welch t interval and the verdict: above, level (the interval covers 0) or below. Random subset and "
+           "full training set rows are the references.", "", "## Verdicts at 95 %", "", *verdict_lines(rows), ""]
     for regime in regimes:
         out += [f"## {regime}", "", head]
         for m in methods:
             cells = [at.get((m, i, regime)) for i in ipcs]
             out.append(f"| {m} | " + " | ".join(
-                "" if c is None else f"{_pct(c['distilled'])} ({_signed(c['ior'])})" for c in cells) + " |")
+                f"{_pct(c['distilled'])} ({_verdict(c)})" if c is not None
+                else "not run (see below)" if (m, i) in why else "pending" if (m, i) in waiting else ""
+                for c, i in zip(cells, ipcs)) + " |")
         first = {i: next((r for r in rows if r["ipc"] == i and r["regime"] == regime), None) for i in ipcs}
         out.append("| *random subset* | " + " | ".join(_pct(first[i]["random"]) if first[i] else "" for i in ipcs) + " |")
         if any(first[i] and first[i]["full"] for i in ipcs):
@@ -171,6 +224,10 @@ def markdown_report(name: str, rows: list[dict]) -> str:
                 continue
             out.append(f"| {m} | {i} | {_signed(some['hlr'], 1.0, 4)} | " + " | ".join(
                 "n/a" if c is None or c["lrs"] is None else f"{c['lrs']:.4f}" for c in cells) + " |")
+    if not_run or pending:
+        out += ["", "## Cells not in this report", ""]
+        out += [f"- {m} IPC {i}: not run: {reason}" for m, i, reason in not_run]
+        out += [f"- {m} IPC {i}: pending (run the matrix again to continue)" for m, i in pending]
     return "\n".join(out) + "\n"
 
 
@@ -208,17 +265,22 @@ def accuracy_plot(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def write_matrix_report(matrix: MatrixConfig, store: Store, reports: list[tuple[str, int, dict]]) -> dict:
+def write_matrix_report(matrix: MatrixConfig, store: Store, reports: list[tuple[str, int, dict]],
+                        pending: list[tuple[str, int]] = ()) -> dict:
     rows = matrix_rows(reports)
+    not_run = [(m, i, skipped(matrix, m, i)) for m in matrix.methods for i in matrix.ipc if skipped(matrix, m, i)]
     report = {
         "matrix": matrix.name, "uri": store.uri,
         "cells": [{"method": label, "ipc": ipc, "run": r["run"], "run_uri": r["run_uri"], "regimes": r["regimes"],
                    "scores": r["scores"]} for label, ipc, r in reports],
         "rows": rows,
+        "not_run": [{"method": m, "ipc": i, "reason": reason} for m, i, reason in not_run],
+        "pending": [{"method": m, "ipc": i} for m, i in pending],
     }
     store.write_bytes("report.json", json.dumps(report, indent=1).encode())
-    store.write_bytes("report.md", markdown_report(matrix.name, rows).encode())
-    store.write_bytes("accuracy.png", accuracy_plot(rows))
+    store.write_bytes("report.md", markdown_report(matrix.name, rows, not_run, pending, matrix.notes).encode())
+    if rows:
+        store.write_bytes("accuracy.png", accuracy_plot(rows))
     return report
 
 

@@ -6,15 +6,17 @@ Schema (all accuracies are fractions in [0, 1]):
 {
   "run": "<name>-<hash>", "run_uri": "...", "config_hash": "...", "code_version": "...",
   "method": "rded", "dataset": "fashion-mnist", "ipc": 10, "factor": 1, "classes": 10,
-  "teacher": {"model": "convnet", "val_accuracy": 0.93, "origin": "trained" | "<checkpoint uri>"},
+  "teacher": {"model": "convnet", "val_accuracy": 0.93, "val_images": 6000,   # on the validation split (null
+              "origin": "trained" | "<checkpoint uri>"},                    # without one); never the test split
   "student": "convnet",                                        # evaluation.model's name
   "ensemble": [{"model": "mobilenet_v2", "val_accuracy": 0.9, ...}],   # teacher.ensemble, in order
   "labels": {"temperature": 20.0, "dtype": "float16", "top_k": null,
              "bytes": 123, "bytes_per_image": 12.3},           # distilled set's label files
   "regimes": {
     "<hard|soft|soft_kd>": {
-      "distilled": {"mean": 0.8, "std": 0.01, "values": [...]},   # one value per seed
-      "random":    {"mean": 0.7, "std": 0.01, "values": [...]},   # mean null when evaluation.baseline is off
+      "distilled": {"mean": 0.8, "std": 0.01, "values": [...]},   # test accuracy, one value per seed
+      "random":    {"mean": 0.7, "std": 0.01, "values": [...],    # every draw x seed (draw-major); mean null when
+                    "draws": 3},                                   # evaluation.baseline is off
       "full":      {"mean": 0.9, ...},   # hard only, with evaluation.full: the whole training split, same budget
       "improvement_over_random": 0.1,                                # DD-Ranking's IOR (null without baseline)
       "steps": 600                                                   # student steps of each run
@@ -101,19 +103,20 @@ def generation_summary(store, manifests: dict[str, StageManifest]) -> dict | Non
 
 
 def regime_results(results: list[dict], regimes, student: int) -> dict:
-    """Per regime: the distilled set's and the random subset's accuracies over seeds for one student
-    architecture, and their difference (IOR)."""
+    """Per regime: the distilled set's accuracies over seeds and the random subsets' over draws x seeds for one
+    student architecture, their difference (IOR) and its verdict (:func:`ddpipe.scores.compare`)."""
     out = {}
     for regime in regimes:
         entry, recipes = {}, {}
-        for set_name in ("distilled", "random"):
-            rows = sorted((r for r in results if r["regime"] == regime and r["set"] == set_name
-                           and r.get("student", 0) == student), key=lambda r: r["seed"])
-            entry[set_name] = summarize([r["top1"] for r in rows])
-            recipes[set_name] = rows
+        for side in ("distilled", "random"):
+            rows = sorted((r for r in results if r["regime"] == regime and side_of(r["set"]) == side
+                           and r.get("student", 0) == student), key=lambda r: (draw_of(r["set"]), r["seed"]))
+            entry[side] = summarize([test_accuracy(r) for r in rows])
+            recipes[side] = rows
             if rows:
                 entry["steps"] = rows[0]["steps"]
-        full = [r["top1"] for r in sorted(results, key=lambda r: r["seed"])
+        entry["random"]["draws"] = len({r["set"] for r in recipes["random"]})
+        full = [test_accuracy(r) for r in sorted(results, key=lambda r: r["seed"])
                 if r["regime"] == regime and r["set"] == "full" and student == 0]
         if full:
             entry["full"] = summarize(full)
@@ -128,6 +131,20 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
                                    "reason": f"not compared: {difference}"}
         out[regime] = entry
     return out
+
+
+def side_of(set_name: str) -> str:
+    """Which side of a comparison an evaluated set is on: distilled, random (every draw) or full."""
+    return "random" if set_name == "random" or set_name.startswith("random-") else set_name
+
+
+def draw_of(set_name: str) -> int:
+    return int(set_name.rsplit("-", 1)[1]) if set_name.startswith("random-") else 0
+
+
+def test_accuracy(result: dict) -> float:
+    """A student's final test accuracy (``top1`` in result files written before the validation split)."""
+    return result["test_accuracy"] if "test_accuracy" in result else result["top1"]
 
 
 RECIPE = ("steps", "batch_size", "model", "images", "test_images")  # what a fair comparison holds equal
@@ -214,6 +231,11 @@ def results_rows(report: dict) -> list[dict]:
     return [row(s, r, e) for s, r, e in regime_entries(report)]
 
 
+def teacher_line(teacher: dict) -> str:
+    acc = teacher.get("val_accuracy")
+    return "(no validation split)" if acc is None else f"validation top-1 {100 * acc:.2f}%"
+
+
 def results_table(report: dict) -> str:
     """The results as a fixed-width text table (percent)."""
 
@@ -226,8 +248,8 @@ def results_table(report: dict) -> str:
     rows = [(f"{student} {regime}" if student else regime, e) for student, regime, e in regime_entries(report)]
     width = max([9] + [len(name) for name, _ in rows])
     lines = [
-        f"{report['method']} {report['dataset']} ipc={report['ipc']}  teacher top-1 "
-        f"{100 * report['teacher']['val_accuracy']:.2f}%  labels {report['labels']['bytes']} bytes",
+        f"{report['method']} {report['dataset']} ipc={report['ipc']}  teacher {teacher_line(report['teacher'])}  "
+        f"labels {report['labels']['bytes']} bytes",
         f"{'regime':<{width}} {'distilled':>16} {'random':>16} {'Δ':>7}  95% interval of Δ, verdict",
     ]
     for name, e in rows:
@@ -238,6 +260,10 @@ def results_table(report: dict) -> str:
                    else "n/a (fewer than 2 accuracies a side)" if c else "")
         lines.append(f"{name:<{width}} {cell(e['distilled']):>16} {cell(e['random']):>16} "
                      f"{delta(e['improvement_over_random'])}  {verdict}".rstrip())
+    draws = {e["random"].get("draws") for _, _, e in regime_entries(report)} - {None, 0}
+    if draws:
+        lines.append(f"random: {max(draws)} random subset(s) x the same student seeds; the interval is Welch's t "
+                     f"interval of the difference of means")
     hard = report["regimes"].get("hard", {})
     if "full" in hard:
         hlr = report["scores"]["hard_label_recovery"]

@@ -48,7 +48,8 @@ class Teacher:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    val_accuracy: float
+    val_accuracy: float | None  # on the validation split (None: a checkpoint measured without one)
+    test_accuracy: float | None = None  # old-format checkpoints only: they measured the test split
 
 
 def train_teacher(t: TeacherConfig, spec: ModelSpec, fmt: InputFormat, source: DataSource, seed: int,
@@ -69,7 +70,7 @@ def train_teacher(t: TeacherConfig, spec: ModelSpec, fmt: InputFormat, source: D
 
 
 def checkpoint_bytes(model: nn.Module, fmt: InputFormat, source: DataSource, spec: ModelSpec,
-                     val_accuracy: float) -> bytes:
+                     val_accuracy: float | None) -> bytes:
     mean, std = fmt.mean, fmt.std
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
@@ -82,7 +83,8 @@ def checkpoint_bytes(model: nn.Module, fmt: InputFormat, source: DataSource, spe
         "mean": list(mean),
         "std": list(std),
         "dataset_fingerprint": source.fingerprint,
-        "val_accuracy": float(val_accuracy),
+        "val_accuracy": None if val_accuracy is None else float(val_accuracy),
+        "val_images": len(source.val) if source.val is not None else 0,
     }
     return torch_bytes(payload)
 
@@ -107,8 +109,11 @@ def read_checkpoint(data: bytes, name: str) -> dict:
         if (not isinstance(values, (list, tuple)) or len(values) != payload["channels"]
                 or not all(isinstance(v, (int, float)) for v in values)):
             bad(field, f"must hold {payload['channels']} number(s), one per channel")
-    if not isinstance(payload.get("val_accuracy"), (int, float)):
-        bad("val_accuracy", "must be a number")
+    if "val_images" not in payload and isinstance(payload.get("val_accuracy"), (int, float)):
+        # the old format (before the validation split) measured the test split and called it val_accuracy
+        payload = {**payload, "test_accuracy": payload["val_accuracy"], "val_accuracy": None, "val_images": 0}
+    if payload.get("val_accuracy") is not None and not isinstance(payload.get("val_accuracy"), (int, float)):
+        bad("val_accuracy", "must be a number or null")
     if not isinstance(payload.get("state_dict"), dict):
         bad("state_dict", "must hold the model's weights")
     try:
@@ -157,7 +162,7 @@ def load_teacher(data: bytes, name: str, data_classes: list[str], fmt: InputForm
     for p in model.parameters():
         p.requires_grad_(False)
     return Teacher(model, spec, list(payload["classes"]), payload["image_size"], payload["channels"],
-                   tuple(payload["mean"]), tuple(payload["std"]), float(payload["val_accuracy"]))
+                   tuple(payload["mean"]), tuple(payload["std"]), payload["val_accuracy"], payload.get("test_accuracy"))
 
 
 def ensemble_logits(logits: torch.Tensor, logit_norm: bool) -> torch.Tensor:
@@ -185,9 +190,11 @@ class Ensemble(nn.Module):
 
 
 def measure(model: nn.Module, fmt: InputFormat, source: DataSource, device, runtime: RuntimeConfig,
-            batch_size: int) -> float:
-    """Top-1 of ``model`` on the test split."""
-    return accuracy(model, source.test, fmt.mean, fmt.std, device, runtime, batch_size)
+            batch_size: int) -> float | None:
+    """Top-1 of ``model`` on the validation split (None without one): teachers never read the test split."""
+    if source.val is None or len(source.val) == 0:
+        return None
+    return accuracy(model, source.val, fmt.mean, fmt.std, device, runtime, batch_size)
 
 
 
@@ -273,12 +280,14 @@ def run_teacher(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
             return {"teacher.pt": checkpoint_bytes(model, fmt, src, spec, acc)}
 
         data = shared_outputs(cfg, "teachers", teacher_key(cfg, src, k), train)["teacher.pt"]
-        acc, origin = float(read_checkpoint(data, "teacher.pt")["val_accuracy"]), "trained"
-    if acc < cfg.teacher.min_val_accuracy:
+        acc, origin = read_checkpoint(data, "teacher.pt")["val_accuracy"], "trained"
+    if acc is not None and acc < cfg.teacher.min_val_accuracy:
         raise TeacherError(
-            f"teacher {spec.name} test accuracy {acc:.4f} is below teacher.min_val_accuracy={cfg.teacher.min_val_accuracy}"
+            f"teacher {spec.name} validation accuracy {acc:.4f} is below teacher.min_val_accuracy="
+            f"{cfg.teacher.min_val_accuracy}"
         )
-    metrics = {"val_accuracy": round(acc, 6), "origin": origin, "test_images": len(src.test), "model": spec.name}
+    metrics = {"val_accuracy": None if acc is None else round(acc, 6), "origin": origin,
+               "val_images": len(src.val) if src.val is not None else 0, "model": spec.name}
     ckpt, metrics_path = teacher_files(k)
     return [
         store.write_bytes(ckpt, data),

@@ -2,7 +2,7 @@
 diffusion method's ``synthesis`` stage).
 
 ``quality`` writes ``generation/quality.json`` (the teacher's accuracy on the pool, overall and per class, and
-the Frechet distance between teacher features of the pool and of real test images) and ``generation/grid.png``
+the Frechet distance between teacher features of the pool and of real validation images) and ``generation/grid.png``
 (the first 10 images of every class). ``synthesis`` keeps ``ipc`` images per class by
 ``method.diffusion.select``: random, realism (lowest teacher cross-entropy) or diversity (k-center greedy on
 teacher features).
@@ -48,7 +48,7 @@ def generated_class(ctx: Context, c: int) -> tuple[list[str], torch.Tensor]:
 
 def run_quality(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     """How real the generated pool looks to the teacher: its accuracy on the pool (per class and overall) and the
-    Frechet distance between teacher features of the pool and of real test images; a sample grid PNG."""
+    Frechet distance between teacher features of the pool and of real validation images; a sample grid PNG."""
     cfg, src = ctx.cfg, ctx.source
     teacher = teacher_of(ctx, inputs).model
     mean, std = cfg.normalization
@@ -58,10 +58,11 @@ def run_quality(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     everything = np.arange(len(pool))
     logits = predict_logits(teacher, normalize(pool.images, mean, std), cfg.labels.batch_size, ctx.device, cfg.runtime)
     correct = logits.argmax(1).numpy() == pool.labels
-    n_ref = min(cfg.method.diffusion.reference_images, len(src.test))
-    ref = np.sort(torch.randperm(len(src.test), generator=generator(cfg.seed, "quality"))[:n_ref].numpy())
+    real = src.val if src.val is not None and len(src.val) else src.train  # never the test split
+    n_ref = min(cfg.method.diffusion.reference_images, len(real))
+    ref = np.sort(torch.randperm(len(real), generator=generator(cfg.seed, "quality"))[:n_ref].numpy())
     fd = frechet_distance(penultimate_features(teacher, pool, everything, mean, std, ctx.device, cfg.runtime).numpy(),
-                          penultimate_features(teacher, src.test, ref, mean, std, ctx.device, cfg.runtime).numpy())
+                          penultimate_features(teacher, real, ref, mean, std, ctx.device, cfg.runtime).numpy())
     quality = {
         "generated_images": len(pool), "reference_images": n_ref, "frechet_distance": round(fd, 6),
         "teacher_accuracy": round(float(correct.mean()), 6),
