@@ -87,7 +87,8 @@ def test_newcomer_config_on_a_small_folder_is_level_with_random(tmp_path):
     data = write_small_folder(tmp_path / "data", size=32, classes=10, train_per_class=150, val_per_class=50)
     config = tmp_path / "newcomer.yaml"
     config.write_text(yaml.safe_dump(newcomer_config(data)))
-    quick = ["teacher.epochs=5", "evaluation.epochs=60", "evaluation.seeds=[0, 1]", "evaluation.regimes=[hard]"]
+    quick = ["teacher.epochs=5", "evaluation.epochs=60", "evaluation.seeds=[0, 1]", "evaluation.regimes=[hard]",
+             "evaluation.baseline_draws=2"]
 
     def run(*overrides):
         args = [x for o in (*quick, *overrides) for x in ("--set", o)]
@@ -99,7 +100,8 @@ def test_newcomer_config_on_a_small_folder_is_level_with_random(tmp_path):
         return proc.stdout, report["regimes"]["hard"], report["warnings"]
 
     out, hard, warnings = run()
-    assert hard["improvement_over_random"] > -0.03, out  # level or above (two seeds on 500 test images)
+    assert hard["comparison"]["verdict"] in ("level", "above"), out  # 2 seeds against 2 draws x 2 seeds
+    assert hard["improvement_over_random"] > -0.03, out
     assert warnings == [] and "warning:" not in out
     # The defaults of before (benchmarks/small_folder_defaults.py --old-defaults) fell 35 points below random
     # at full budget; docs/benchmarks.md "Reliability" has the sweep. Not rerun here, to keep the suite short.

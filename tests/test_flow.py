@@ -50,7 +50,7 @@ def test_flow_runs_every_stage_and_a_new_flow_run_is_served_from_cache(harness, 
 
     is_shard = lambda r: r.name.split(":")[0] in report["stages"]  # noqa: E731  shard task runs are "<stage>:<shard>"
     shard_runs = task_runs(first.state_details.flow_run_id, is_shard, expected=39)
-    assert len(shard_runs) == 1 + 1 + 5 + 5 + 5 + 10 + 12  # dataset, teacher, 3x5 class groups, 2x5 labels, 12 evals
+    assert len(shard_runs) == 1 + 1 + 5 + 5 + 5 + 10 + 12  # dataset, teacher, 3x5 class groups, 2 sets x 5 labels, 12 evals
     assert all(r.state.name == "Completed" for r in shard_runs)
 
     with get_client(sync_client=True) as client:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ddpipe.scores import hard_label_recovery, improvement_over_random, label_robust_score
+from ddpipe.scores import compare, hard_label_recovery, improvement_over_random, label_robust_score
 
 
 def test_scores_match_hand_computed_values():
@@ -26,7 +26,7 @@ def test_percent_inputs_are_refused():
 
 
 def test_welch_interval_on_a_hand_example():
-    from ddpipe.scores import compare, t975
+    from ddpipe.scores import t975
 
     # distilled 80/82/81 %, random 75/77/76 %: each side's sd 1 point, se = sqrt(2 * 0.01^2 / 3) = 0.0081650,
     # Welch df = 4 exactly, t(0.975, 4) = 2.776: 5.00 +- 2.267 points -> [2.733, 7.267], above.
@@ -57,9 +57,26 @@ def test_every_regime_of_a_report_carries_its_verdict():
     assert regimes["hard"]["comparison"]["verdict"] == "above"
     report = {"method": "rded", "dataset": "fm", "ipc": 10, "teacher": {"val_accuracy": 0.9}, "labels": {"bytes": 1},
               "regimes": regimes, "student": "convnet"}
-    assert results_table(report).splitlines()[-1].endswith("+5.00  [+2.73, +7.27] above")
+    lines = results_table(report).splitlines()
+    assert lines[2].startswith("hard") and lines[2].endswith("+5.00  [+2.73, +7.27] above")
+    assert lines[3].startswith("random: 1 random subset(s)")
     row = results_rows(report)[0]
     assert (row["gain_ci95_low"], row["gain_ci95_high"], row["verdict"]) == (2.73, 7.27, "above")
+
+
+def test_the_random_side_pools_every_draw_and_seed():
+    from ddpipe.report import regime_results
+
+    results = [{"regime": "hard", "set": "distilled", "seed": k, "test_accuracy": v, "steps": 10}
+               for k, v in enumerate([0.80, 0.82, 0.81])]
+    results += [{"regime": "hard", "set": s, "seed": k, "test_accuracy": v, "steps": 10}
+                for s, vals in (("random-1", [0.70, 0.71, 0.72]), ("random", [0.75, 0.77, 0.76]))
+                for k, v in enumerate(vals)]
+    results.append({"regime": "hard", "set": "random-2", "seed": 0, "top1": 0.74, "steps": 10})  # an old file
+    hard = regime_results(results, ["hard"], 0)["hard"]
+    assert hard["random"]["draws"] == 3 and hard["random"]["values"] == [0.75, 0.77, 0.76, 0.70, 0.71, 0.72, 0.74]
+    assert hard["random"]["mean"] == pytest.approx(0.7357142857) and len(hard["distilled"]["values"]) == 3
+    assert hard["comparison"] == compare([0.80, 0.82, 0.81], hard["random"]["values"])
 
 
 def test_students_trained_differently_are_not_compared():

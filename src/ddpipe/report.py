@@ -212,8 +212,8 @@ def regime_entries(report: dict) -> list[tuple[str | None, str, dict]]:
 
 
 def results_rows(report: dict) -> list[dict]:
-    """The results as table rows (percent): per student and regime, the distilled set, the random subset of
-    the same size, the difference with its 95 % interval and verdict (:func:`ddpipe.scores.compare`), plus the
+    """The results as table rows (percent): per student and regime, the distilled set, the random subsets of
+    the same size (pooled over their draws), the difference with its 95 % interval and verdict (:func:`ddpipe.scores.compare`), plus the
     full set where measured."""
 
     def pct(v):
@@ -225,6 +225,7 @@ def results_rows(report: dict) -> list[dict]:
         return {"student": student or report["student"], "regime": regime,
                 "distilled": pct(e["distilled"]["mean"]), "distilled_std": pct(e["distilled"]["std"]),
                 "random": pct(e["random"]["mean"]), "random_std": pct(e["random"]["std"]),
+                "random_draws": e["random"].get("draws"),
                 "gain": pct(e["improvement_over_random"]), "gain_ci95_low": pct(low), "gain_ci95_high": pct(high),
                 "verdict": comparison.get("verdict"), "full": pct(e.get("full", {}).get("mean"))}
 
