@@ -184,8 +184,9 @@ def verdict_lines(rows: list[dict]) -> list[str]:
 
 
 def markdown_report(name: str, rows: list[dict], not_run: list[tuple[str, int, str]] = (),
-                    pending: list[tuple[str, int]] = (), notes: tuple[str, ...] = ()) -> str:
-    methods = list(dict.fromkeys([r["method"] for r in rows] + [m for m, _, _ in not_run] + [m for m, _ in pending]))
+                    pending: list[tuple[str, int]] = (), notes: tuple[str, ...] = (), order: tuple[str, ...] = ()) -> str:
+    listed = set([r["method"] for r in rows] + [m for m, _, _ in not_run] + [m for m, _ in pending])
+    methods = [m for m in order if m in listed] + sorted(listed - set(order))  # the matrix file's order
     ipcs = sorted({r["ipc"] for r in rows} | {i for _, i, _ in not_run} | {i for _, i in pending})
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
     at = {(r["method"], r["ipc"], r["regime"]): r for r in rows}
@@ -278,7 +279,7 @@ def write_matrix_report(matrix: MatrixConfig, store: Store, reports: list[tuple[
         "pending": [{"method": m, "ipc": i} for m, i in pending],
     }
     store.write_bytes("report.json", json.dumps(report, indent=1).encode())
-    store.write_bytes("report.md", markdown_report(matrix.name, rows, not_run, pending, matrix.notes).encode())
+    store.write_bytes("report.md", markdown_report(matrix.name, rows, not_run, pending, matrix.notes, tuple(matrix.methods)).encode())
     if rows:
         store.write_bytes("accuracy.png", accuracy_plot(rows))
     return report
