@@ -11,13 +11,11 @@ import hashlib
 import json
 import sys
 
-from ddpipe.methods import METHODS
-from ddpipe.stages import DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER
+from ddpipe.stages import all_stages
 
 
 def stage_hashes() -> dict[str, str]:
-    stages = (DATASET, TEACHER, RANDOM_SUBSET, LABELS, EVALUATION, *(s for m in METHODS.values() for s in m.stages()))
-    return {f"{s.name}:{s.run.__name__}": s.code() for s in stages}
+    return {f"{s.name}:{s.run.__name__}": s.code() for s in all_stages()}
 
 
 if __name__ == "__main__":

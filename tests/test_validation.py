@@ -9,16 +9,14 @@ import torch
 import ddpipe.data
 from ddpipe.baseline import random_picks
 from ddpipe.dataindex import open_source
-from ddpipe.methods import METHODS
 from ddpipe.pipeline import run_store
 from ddpipe.runner import run_pipeline
-from ddpipe.stages import DATASET, EVALUATION, LABELS, RANDOM_SUBSET, TEACHER
+from ddpipe.stages import all_stages
 from ddpipe.teacher import checkpoint_bytes, load_teacher, read_checkpoint
 
 from conftest import smoke_config
 
-STAGE_FUNCTIONS = {stage.run.__name__ for stage in (*(s for m in METHODS.values() for s in m.stages()), DATASET,
-                                                    TEACHER, RANDOM_SUBSET, LABELS, EVALUATION)}
+STAGE_FUNCTIONS = {stage.run.__name__ for stage in all_stages()}
 
 
 def _stage() -> str:

@@ -37,6 +37,12 @@ def stages_for(cfg: RunConfig) -> list[Stage]:
     return [DATASET, TEACHER, *METHODS[cfg.method.name].stages(), RANDOM_SUBSET, LABELS, EVALUATION]
 
 
+def all_stages() -> list[Stage]:
+    """Every stage any method's run can have, each once (the shared ones, then each method's own)."""
+    own = list(dict.fromkeys(s for m in METHODS.values() for s in m.stages()))
+    return [DATASET, TEACHER, RANDOM_SUBSET, LABELS, EVALUATION, *own]
+
+
 def preflight(cfg: RunConfig) -> None:
     """The checks that need no teacher: device present, store writable, data present and big enough, checkpoint
     class map.
