@@ -54,6 +54,10 @@ class OptimConfig(_Section):
         "cosine", description="cosine: to 0 over the run; step: x0.1 at half the run (DC protocol); constant."
     )
     warmup_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of the steps with a linear warm-up.")
+    cosine_period: float = Field(
+        1.0, ge=1, description="cosine only: the cosine spans this many times the run, so the rate ends at "
+        "(1 + cos(pi / period)) / 2 of the peak: 1 decays to 0; EDC's smoothed schedule uses 2 (ends at half)."
+    )
 
 
 class _HidesCredentials(_Section):
@@ -241,6 +245,55 @@ class RecoveryConfig(_Section):
     )
 
 
+class RefineConfig(_Section):
+    """refine: real starting images optimised against the teachers and kept near their start (CIM, FADRM, EDC;
+    docs/refine.md gives each field's paper and equation). The optimiser, its step count, crops, flip, jitter and
+    batching are method.recovery's (for refine its iterations default to 200 and its lr to 0.05); r_bn there
+    weighs the global statistic match."""
+
+    init: Literal["rded", "random"] = Field(
+        "rded", description="Start: rded (RDED's top-ranked patches, stitched as RDED does) or random (the "
+        "scoring stage's random candidates in draw order, stitched the same way)."
+    )
+    param: Literal["residual", "pixels"] = Field(
+        "residual", description="What is optimised: residual (x = x0 + d, d = bound/std x tanh(r) when bound > 0, "
+        "CIM/FADRM) or pixels (x itself, projected back into the bound after every step, EDC)."
+    )
+    bound: float = Field(0.0, ge=0, le=1, description="Largest change of a pixel from its start, in [0, 1] units; 0: none.")
+    anchor_weight: float = Field(0.0, ge=0, description="Weight of mean((x - x0)^2), a pull towards the start.")
+    mix: float = Field(0.0, ge=0, lt=1, description="FADRM's data-level residual: the share of the start mixed "
+                       "back in every mix_every steps (x <- mix x0 + (1 - mix) x).")
+    mix_every: int = Field(0, ge=0, description="Steps between FADRM mixes; 0: never.")
+    ce_weight: float = Field(1.0, ge=0, description="Weight of the teacher's cross-entropy on the image's class.")
+    class_bn_weight: float = Field(
+        0.0, ge=0, description="EDC's category-aware match: weight of each class's BN-input mean/variance against "
+        "its real anchors' (added to the global match, weighted by method.recovery.r_bn)."
+    )
+    conv_statistics: bool = Field(
+        False, description="Also match G-VBSM's conv channel/patch statistics (the moments stage, EMA form, "
+        "method.recovery.ema_alpha and drop_rate)."
+    )
+    feature_weight: float = Field(
+        0.0, ge=0, description="CIM's feature match: weight of the mean squared difference between each class's "
+        "mean feature and its real anchors' mean over multi-crop views."
+    )
+    feature_layers: Literal["last", "all"] = Field(
+        "last", description="Features matched: last (the classifier's input) or all (every BN input, pooled)."
+    )
+    anchors_per_class: int = Field(64, ge=1, description="Real anchor images per class (category-aware and feature terms).")
+    anchor_views: int = Field(4, ge=1, description="Random-resized crops of every anchor the targets average over.")
+    views: int = Field(1, ge=1, description="Augmented views of every image per step (CIM's multi-crop).")
+    teachers: Literal["primary", "all"] = Field(
+        "primary", description="primary, or all (primary + teacher.ensemble, one per step, round robin, G-VBSM)."
+    )
+
+    @model_validator(mode="after")
+    def _mixing(self):
+        if (self.mix > 0) != (self.mix_every > 0):
+            raise ValueError("mix and mix_every are set together (FADRM's residual needs both)")
+        return self
+
+
 class SelectionConfig(_Section):
     """Coreset selection of real images (herding, kcenter, el2n, forgetting, cad) and CA2D's candidate pool.
 
@@ -353,7 +406,8 @@ class MethodConfig(_Section):
     the teachers' statistics (the ``recovery`` sub-section). random, herding, kcenter, el2n, forgetting, cad:
     coreset selections of whole real images (the ``selection`` sub-section; cad is CAD-Prune). ca2d: RDED with
     the candidate pool chosen by CAD-Prune instead of at random. diffusion: images sampled from a class-conditional
-    denoiser trained on the data (the ``diffusion`` sub-section)."""
+    denoiser trained on the data (the ``diffusion`` sub-section). refine: RDED's start optimised against the
+    teachers (the ``refine`` sub-section, with ``recovery``'s optimiser)."""
 
     name: Literal[METHOD_NAMES] = Field(
         "rded", description="Distillation method: " + "; ".join(f"{n}: {m.summary}" for n, m in METHODS.items()) + "."
@@ -388,6 +442,9 @@ class MethodConfig(_Section):
     )
     diffusion: DiffusionConfig = Field(
         default_factory=DiffusionConfig, description="diffusion: the denoiser, its training, sampling and selection."
+    )
+    refine: RefineConfig = Field(
+        default_factory=RefineConfig, description="refine: the start, what is optimised, the losses, the teachers."
     )
 
     @property
@@ -489,6 +546,11 @@ class EvaluationConfig(_Section):
         "student and teacher logits, centred per row, + gt_weight x cross-entropy on the class labels)."
     )
     gt_weight: float = Field(0.15, ge=0, description="mse_gt only: gamma, the weight of the cross-entropy term.")
+    ema: float = Field(
+        0.0, ge=0, lt=1, description="EDC: measure an exponential moving average of the student's weights with this "
+        "decay per step (running statistics too) instead of the student itself; 0: off. Applies to every set alike (the "
+        "distilled set, the random subsets, the full set)."
+    )
     test_batch_size: int = Field(1000, ge=1, description="Batch size for test accuracy.")
 
 
@@ -601,7 +663,7 @@ class RunConfig(_Section):
         (so that every stage, and the run hash, sees the values used)."""
         if not isinstance(data, dict):
             return data
-        return _flip_defaults(_crop_defaults(data))
+        return _flip_defaults(_refine_defaults(_crop_defaults(data)))
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -620,7 +682,7 @@ class RunConfig(_Section):
             raise ValueError("method.factor cannot exceed the image size")
         need = self.patches_per_class
         if self.method.factor is not None and self.method.factor > 1 and not self.method.stitches:
-            raise ValueError(f"method.factor applies to rded and ca2d only (method.name={self.method.name})")
+            raise ValueError(f"method.factor applies to rded, ca2d and refine only (method.name={self.method.name})")
         if self.method.recovers:
             for k, spec in enumerate(self.teacher_models):
                 if spec.name == "convnet" and spec.norm != "batch":
@@ -765,6 +827,25 @@ def _crop_defaults(data: dict) -> dict:
             # candidates the ranking only filters (level), docs/benchmarks.md "Reliability".
             method["candidates_per_class"] = WHOLE_IMAGE_POOL * ipc
     return {**data, "method": method}
+
+
+REFINE_OPTIMISER = {"iterations": 200, "lr": 0.05}  # refine's method.recovery defaults: from a real start, not noise
+
+
+def _refine_defaults(data: dict) -> dict:
+    """method.recovery.iterations and lr where absent, for a method that starts from real images (its registry
+    entry's variant says so): 200 steps at 0.05, not the 1000 at 0.25 that recovery from noise needs (which
+    would wash the start out and take 5x as long)."""
+    method = data.get("method") or {}
+    if not isinstance(method, dict) or not isinstance(method.get("name", "rded"), str):
+        return data
+    entry = METHODS.get(method.get("name", "rded"))
+    if entry is None or not getattr(entry.variant, "refine", False):
+        return data
+    recovery = method.get("recovery") or {}
+    if not isinstance(recovery, dict):
+        return data
+    return {**data, "method": {**method, "recovery": {**REFINE_OPTIMISER, **recovery}}}
 
 
 # Where a run flips images: (section, field) paths of the flip switches and the default of the section they sit in.

@@ -133,6 +133,7 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
     bs = cfg.student_batch_size(data.budget)
     total = cfg.student_steps(data.budget)
     fitter = Fitter(student, ev.optim, total)
+    ema = ema_model(student, ev.ema) if ev.ema > 0 else None
     size = data.images.shape[-1]
     region_boxes = torch.tensor(data.regions) if data.regions else None
     step = 0
@@ -167,10 +168,18 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
                 else:
                     loss = mse_loss(logits, target, cfg.labels.temperature) + ev.gt_weight * class_ce(logits, y, perm, lam)
             fitter.step(loss)
+            if ema is not None:
+                ema.update_parameters(student)
             step += 1
             if progress:
                 progress(step, total)
-    return student.eval()
+    return (ema.module if ema is not None else student).eval()
+
+
+def ema_model(student: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``student``'s parameters and buffers (``decay`` per update)."""
+    return torch.optim.swa_utils.AveragedModel(
+        student, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, seed: int, device,
@@ -179,6 +188,7 @@ def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, se
     ``on="val"``: on the validation split instead, ``val_accuracy`` (what a choice of settings may read)."""
     student = train_student(cfg, regime, data, source.num_classes, seed, device, teacher, progress, student_index)
     mean, std = cfg.normalization
+    ev = cfg.evaluation
     split = {"test": source.test, "val": source.val}[on]
     if split is None:
         raise ValueError("no validation split (dataset.val_fraction is 0)")
@@ -193,6 +203,8 @@ def evaluate(cfg: RunConfig, regime: str, data: ImageSet, source: DataSource, se
         "batch_size": bs,
         "steps": cfg.student_steps(data.budget),
         f"{on}_images": len(split),
+        **({"ema": ev.ema} if ev.ema else {}),
+        **({"cosine_period": ev.optim.cosine_period} if ev.optim.cosine_period != 1 else {}),
     }
 
 

@@ -147,12 +147,12 @@ def test_accuracy(result: dict) -> float:
     return result["test_accuracy"] if "test_accuracy" in result else result["top1"]
 
 
-RECIPE = ("steps", "batch_size", "model", "images", "test_images")  # what a fair comparison holds equal
+RECIPE = ("steps", "batch_size", "model", "images", "test_images", "ema", "cosine_period")  # held equal
 
 
 def recipe_difference(distilled: list[dict], random: list[dict]) -> str | None:
     """How the students of a distilled set and of its random subset differ (steps, batch size, model, images,
-    test images), or None when they do not: students trained differently are not compared."""
+    test images, EMA, schedule), or None when they do not: students trained differently are not compared."""
     for field in RECIPE:
         a = {json.dumps(r.get(field), sort_keys=True) for r in distilled}
         b = {json.dumps(r.get(field), sort_keys=True) for r in random}

@@ -34,7 +34,7 @@ from ddpipe.teacher import TEACHER, check_teacher_checkpoint
 
 def stages_for(cfg: RunConfig) -> list[Stage]:
     """The stages of a run, in order. The first stage always describes the dataset."""
-    return [DATASET, TEACHER, *METHODS[cfg.method.name].stages(), RANDOM_SUBSET, LABELS, EVALUATION]
+    return [DATASET, TEACHER, *METHODS[cfg.method.name].stages(cfg), RANDOM_SUBSET, LABELS, EVALUATION]
 
 
 def all_stages() -> list[Stage]:

@@ -103,7 +103,7 @@ def lr_factor(cfg: OptimConfig, total_steps: int):
         if cfg.schedule == "step":
             return 1.0 if step < total_steps // 2 + 1 else 0.1
         t = (step - warm) / max(1, total_steps - warm)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t) / cfg.cosine_period))
 
     return factor
 

@@ -13,10 +13,14 @@ recovery   sre2l, cda, gvbsm                   (moments), statistics, recovery, 
 selection  random, herding, kcenter,           synthesis; (dynamics) for el2n, forgetting, cad;
            el2n, forgetting, cad, ca2d         ca2d: dynamics, scoring, synthesis (RDED's, on the CAD pool)
 diffusion  diffusion                           diffusion, generation, quality, synthesis
+refine     refine                              scoring (RDED's), (moments), statistics, refinement,
+                                               synthesis
 =========  ==================================  ========================================================
 
 What tells the methods of one family apart is data in their entry (``variant``: :class:`Recovery`,
-:class:`Selection`), never a check on the method's name. This module imports no family: the config
+:class:`Selection`), never a check on the method's name. A refining method's variant is completed by its config
+(``method.refine``: which teachers, which statistics), :meth:`Method.variant_for`; its stages depend on the config
+too, so a family's ``stages(method, cfg)`` gets it (None: every stage the family can have). This module imports no family: the config
 (:mod:`ddpipe.config`) reads it to validate ``method.name``, and a family module is loaded only when a run
 uses it. Adding a method: one module (or a variant of a family), one entry here, its tests
 (docs/architecture.md).
@@ -25,7 +29,7 @@ uses it. Adding a method: one module (or a variant of a family), one entry here,
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Recovery:
     # the data), each compared statistic in the EMA form of Eq. 6, conv layers dropped at random, the DD loss
     class_major: bool = False  # one class-major batch per recovery unit (else a batch of distinct classes per ipc index)
     curriculum: bool = False  # CDA's crop-scale curriculum (method.recovery.curriculum)
+    refine: bool = False  # starts from real images (RDED's stitched patches or random ones), the choices in method.refine
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,19 @@ class Method:
         """Optimises images against BatchNorm statistics: every teacher needs batch norm."""
         return isinstance(self.variant, Recovery)
 
-    def stages(self) -> tuple:
-        """The method's own stages (:class:`ddpipe.pipeline.Stage`), in order, from its family's module."""
-        return importlib.import_module(f"{__name__}.{self.family}").stages(self)
+    def variant_for(self, method_config):
+        """The variant a run uses: the entry's, with a refining method's choices (``method.refine``: every
+        teacher or the primary, conv statistics or not) filled in from ``method_config``."""
+        v = self.variant
+        if isinstance(v, Recovery) and v.refine:
+            r = method_config.refine
+            return replace(v, all_teachers=r.teachers == "all", conv_statistics=r.conv_statistics)
+        return v
+
+    def stages(self, cfg=None) -> tuple:
+        """The method's own stages (:class:`ddpipe.pipeline.Stage`), in order, from its family's module, for the
+        run config ``cfg`` (None: every stage the method can have)."""
+        return importlib.import_module(f"{__name__}.{self.family}").stages(self, cfg)
 
 
 METHODS: dict[str, Method] = {
@@ -82,4 +97,7 @@ METHODS: dict[str, Method] = {
     "ca2d": Method("selection", "rded on the candidate pool cad chooses", stitches=True,
                    variant=Selection("cad", pool=True)),
     "diffusion": Method("diffusion", "images sampled from a class-conditional denoiser trained on the data"),
+    "refine": Method("refine", "RDED's stitched real patches (or random real ones) optimised against the teachers "
+                     "and kept near their start (CIM, FADRM, EDC; method.refine)", stitches=True,
+                     variant=Recovery(refine=True)),
 }

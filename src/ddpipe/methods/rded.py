@@ -287,5 +287,5 @@ SYNTHESIS = Stage("synthesis", ("dataset", "scoring"), ("dataset", "method"), cl
                   doc="RDED stage 2: stitch the selected patches into images")
 
 
-def stages(method) -> tuple[Stage, ...]:
+def stages(method, cfg=None) -> tuple[Stage, ...]:
     return (SCORING, SYNTHESIS)

@@ -12,5 +12,5 @@ from ddpipe.methods.diffusion.training import DIFFUSION
 from ddpipe.pipeline import Stage
 
 
-def stages(method: Method) -> tuple[Stage, ...]:
+def stages(method: Method, cfg=None) -> tuple[Stage, ...]:
     return (DIFFUSION, GENERATION, QUALITY, GENERATED_SELECTION)

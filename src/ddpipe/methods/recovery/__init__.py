@@ -13,7 +13,7 @@ from ddpipe.methods.recovery.statistics import BN_STATISTICS, MOMENTS, STATISTIC
 from ddpipe.pipeline import Stage
 
 
-def stages(method: Method) -> tuple[Stage, ...]:
+def stages(method: Method, cfg=None) -> tuple[Stage, ...]:
     if method.variant.conv_statistics:
         return (MOMENTS, STATISTICS, RECOVERY, ASSEMBLY)
     return (BN_STATISTICS, RECOVERY, ASSEMBLY)

@@ -243,7 +243,7 @@ def recovery_units(rc: RecoveryConfig, classes: tuple[int, ...],
             for c0 in range(classes[0], classes[-1] + 1, size)]
 
 
-def _recovery_shards(ctx: Context, num_classes: int) -> list[Shard]:
+def recovery_shards(ctx: Context, num_classes: int) -> list[Shard]:
     """One shard per recovery unit; with more units than ``orchestration.max_shards_per_stage``, consecutive
     class batches of one ipc range are grouped into a shard."""
     cfg = ctx.cfg
@@ -272,7 +272,7 @@ def recovery_batches(variant: Recovery, classes: tuple[int, ...], ipc: tuple[int
 def run_recovery(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     """Recover the shard's images from noise; each image's starting noise depends only on (seed, class, ipc index)."""
     cfg, store = ctx.cfg, ctx.store
-    variant: Recovery = METHODS[cfg.method.name].variant
+    variant: Recovery = METHODS[cfg.method.name].variant_for(cfg.method)
     fmt: InputFormat = cfg.input_format
     pairs = []
     for k in statistic_teachers(cfg):
@@ -302,12 +302,12 @@ def run_recovery(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     return files
 
 
-def run_assembly(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
-    """The distilled set's per-class provenance, joined from the recovery shards."""
+def run_assembly(ctx: Context, shard: Shard, inputs, stage: str = "recovery") -> list[FileRecord]:
+    """The distilled set's per-class provenance, joined from the shards of ``stage`` (recovery, refinement)."""
     parts = ctx.cached(
-        f"recovery-rows:{inputs['recovery'].sha256}",
-        lambda: pa.concat_tables([ctx.store.read_table(f"recovery/{s.id}.parquet")
-                                  for s in _recovery_shards(ctx, len(ctx.source.classes))]),
+        f"{stage}-rows:{inputs[stage].sha256}",
+        lambda: pa.concat_tables([ctx.store.read_table(f"{stage}/{s.id}.parquet")
+                                  for s in recovery_shards(ctx, len(ctx.source.classes))]),
     )
     files = []
     for c in shard.classes:
@@ -317,6 +317,6 @@ def run_assembly(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
 
 
 RECOVERY = Stage("recovery", ("dataset", "teacher", "statistics"), ("dataset", "method", "statistics"),
-                 _recovery_shards, run_recovery, doc="recover images from noise against the teachers' statistics")
+                 recovery_shards, run_recovery, doc="recover images from noise against the teachers' statistics")
 ASSEMBLY = Stage("synthesis", ("dataset", "recovery"), ("dataset", "method"), class_groups, run_assembly,
                  doc="join the recovered images' provenance per class")

@@ -276,7 +276,7 @@ def read_statistics(data: bytes, name: str = "statistics file") -> dict:
 
 def statistic_teachers(cfg: RunConfig) -> range:
     """The teachers a recovery method matches: every one with ``Recovery.all_teachers``, else the primary."""
-    return range(len(cfg.teacher_models) if METHODS[cfg.method.name].variant.all_teachers else 1)
+    return range(len(cfg.teacher_models) if METHODS[cfg.method.name].variant_for(cfg.method).all_teachers else 1)
 
 
 def _moment_shards(ctx: Context, num_classes: int) -> list[Shard]:
@@ -324,7 +324,7 @@ def run_statistics(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     k = shard.teacher
     teacher = teacher_of(ctx, inputs, k)
     moments = {}
-    if METHODS[ctx.cfg.method.name].variant.conv_statistics:
+    if METHODS[ctx.cfg.method.name].variant_for(ctx.cfg.method).conv_statistics:
         parts = [s for s in _moment_shards(ctx, 0) if s.teacher == k]
         moments = merge([read_moments(ctx.store.read_bytes(path), ctx.store.url(path))
                          for path in (f"statistics/moments/{s.id}.pt" for s in parts)])

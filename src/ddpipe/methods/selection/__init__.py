@@ -16,7 +16,7 @@ from ddpipe.methods.selection.select import DYNAMICS_SCORES, DYNAMICS_SELECTION,
 from ddpipe.pipeline import Stage
 
 
-def stages(method: Method) -> tuple[Stage, ...]:
+def stages(method: Method, cfg=None) -> tuple[Stage, ...]:
     if method.variant.pool:
         return (DYNAMICS, CA2D_SCORING, RDED_SYNTHESIS)
     if method.variant.score in DYNAMICS_SCORES:
