@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpipe.augment import crop_resize
+from ddpipe.augment import crop_resize, generator
 from ddpipe.config import LabelsConfig
 from ddpipe.data import normalize
-from ddpipe.labels import expand, labels_table, region_views, soft_labels
+from ddpipe.labels import crop_views, expand, label_rows, labels_table, pruned, region_views, soft_labels
 from ddpipe.store import table_bytes
 
 from conftest import smoke_config
@@ -78,3 +78,36 @@ def test_top_k_labels_keep_the_largest_and_spread_the_rest(trained_teacher, tmp_
     rest = restored[mask].view(n, 7)
     assert torch.allclose(rest, rest[:, :1].expand(n, 7))  # spread evenly
     assert torch.allclose(rest[:, 0], (1 - values.sum(1)) / 7, atol=1e-3)
+
+
+def test_crop_labels_are_the_teacher_on_each_stored_crop_and_pruning_keeps_one_per_image(trained_teacher, tmp_path):
+    _, source, teacher = trained_teacher
+    cfg = smoke_config(tmp_path, "labels.crops=3", "labels.keep=0.4", "labels.top_k=null", "labels.dtype=float32")
+    images = real_images(source)
+    paths = [f"distilled/images/00004/class00004_id{j:05d}.png" for j in range(len(images))]
+    views, meta = crop_views(images, 1, cfg.labels, 0, 4, paths)
+    assert views.shape == (6 * 3, 1, 28, 28) and [m[1] for m in meta[:3]] == [1, 2, 3]
+    again, _ = crop_views(images, 1, cfg.labels, 0, 4, paths)
+    assert torch.equal(views, again)  # boxes drawn from (seed, class, image)
+    i, _, (top, left, h, w) = meta[4]
+    crop = crop_resize(images[i : i + 1].float(), torch.tensor([[top, left, h, w]]), 28)
+    assert torch.equal(crop, views[4 : 5]) and h * w >= 0.5 * 28 * 28 - 28
+    whole, whole_meta = region_views(images, 1)
+    rows = whole_meta + meta
+    keep = pruned(rows, cfg.labels.keep, generator(0, "keep"))
+    per_image = {k: sum(1 for j in keep if rows[j][0] == k) for k in range(6)}
+    assert all(1 <= v <= 4 for v in per_image.values()) and len(keep) < 0.7 * len(rows)
+    assert pruned(rows, 1.0, generator(0, "keep")) == list(range(len(rows)))
+    probs = soft_labels(teacher.model, torch.cat([whole, views])[keep], cfg.labels, *cfg.normalization, CPU, cfg.runtime)
+    table = labels_table(paths, [4] * 6, [rows[j] for j in keep], probs, 10, cfg.labels)
+    soft, boxes, present = label_rows(table, paths)
+    assert present.sum() == len(keep) and soft.shape[:2] == present.shape
+    j = keep[-1]  # the last kept row, read back per image, is the teacher on that crop
+    i = rows[j][0]
+    slot = int(present[i].sum()) - 1
+    assert tuple(boxes[i, slot].tolist()) == rows[j][2]
+    expected = teacher_probs(teacher, crop_resize(images[i : i + 1].float(), boxes[i, slot : slot + 1], 28), cfg)[0]
+    assert torch.allclose(soft[i, slot], expected, atol=1e-5)
+    every = soft_labels(teacher.model, torch.cat([whole, views]), cfg.labels, *cfg.normalization, CPU, cfg.runtime)
+    full = labels_table(paths, [4] * 6, rows, every, 10, cfg.labels)
+    assert table.num_rows == len(keep) and len(table_bytes(table)) < len(table_bytes(full))  # fewer bytes

@@ -31,8 +31,15 @@ def test_every_method_makes_its_stages_and_ends_with_synthesis(name):
     assert len(set(names)) == len(names)
     for i, stage in enumerate(stages):  # every input is made before the stage runs
         assert set(stage.inputs) <= {"dataset", "teacher", *names[:i]}, (name, stage.name)
-    traits = build_config({"name": "x", "method": {"name": name}, "teacher": {"model": {"norm": "batch"}}}).method
-    assert (traits.recovers, traits.stitches) == (method.recovers, method.stitches)
+    cfg = build_config({"name": "x", "method": {"name": name}, "teacher": {"model": {"norm": "batch"}}})
+    assert (cfg.method.recovers, cfg.method.stitches) == (method.recovers, method.stitches)
+    assert method.stages(cfg) == stages  # the default settings' stages
+
+
+def test_a_refine_run_with_conv_statistics_collects_the_moments_first():
+    cfg = build_config({"name": "x", "method": {"name": "refine", "refine": {"conv_statistics": True}}})
+    assert [s.name for s in METHODS["refine"].stages(cfg)] == ["scoring", "moments", "statistics", "refinement",
+                                                              "synthesis"]
 
 
 def test_methods_of_one_family_differ_in_data_only():

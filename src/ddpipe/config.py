@@ -478,6 +478,16 @@ class LabelsConfig(_Section):
         "null stores all classes."
     )
     dtype: Literal["float16", "float32"] = Field("float16", description="Storage type of the probabilities.")
+    crops: int = Field(
+        0, ge=0, description="Random-resized crops labelled per image besides its regions (FKD/LPLD crop labels; "
+        "boxes drawn from the run seed, class and image). The soft regime then shows, for each sample, one of the "
+        "image's stored labels: its crop (or region) with that label."
+    )
+    crop_scale: tuple[float, float] = Field((0.5, 1.0), description="Area range of the labelled crops.")
+    keep: float = Field(
+        1.0, gt=0, le=1, description="LPLD's label pruning: the share of each image's stored labels (regions and "
+        "crops) kept, drawn at random (at least one per image); the soft regime draws from the kept ones."
+    )
     batch_size: int = Field(256, ge=1, description="Teacher batch size while labelling.")
     ensemble: bool = Field(
         False, description="Label with every teacher (primary + teacher.ensemble) combined, also for online KD; "

@@ -38,7 +38,7 @@ from ddpipe.config import EvaluationConfig, RunConfig
 from ddpipe.data import DataSource, normalize
 from ddpipe.dataset import dataset_classes
 from ddpipe.imageset import read_class, regions, run_sets, set_factor
-from ddpipe.labels import expand
+from ddpipe.labels import label_rows
 from ddpipe.manifests import stage_files
 from ddpipe.models import ModelSpec, init_model
 from ddpipe.pipeline import Context, Shard, Stage, shared_key, shared_outputs
@@ -58,6 +58,8 @@ class ImageSet:
     soft: torch.Tensor | None = None  # float32 [N, R, K] stored soft labels per region
     regions: list[tuple[int, int, int, int]] | None = None  # R region boxes (top, left, h, w)
     budget_images: int | None = None  # the set size that sets batch size and steps (full-set reference: the ipc set's)
+    label_boxes: torch.Tensor | None = None  # [N, R, 4] box of each stored label (labels.crops or labels.keep < 1)
+    label_present: torch.Tensor | None = None  # [N, R] which stored labels an image has (the rest pruned)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -74,6 +76,11 @@ def sample_regions(data: ImageSet, n: int, region_views: bool, gen: torch.Genera
     if cells <= 0 or not region_views:
         return torch.zeros(n, dtype=torch.int64)
     return torch.randint(1, cells + 1, (n,), generator=gen)
+
+
+def sample_labels(data: ImageSet, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """For each sample, one of its image's stored labels (crops and regions, after pruning), uniformly."""
+    return torch.multinomial(data.label_present[idx].float(), 1, generator=gen).squeeze(1)
 
 
 def kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float,
@@ -144,9 +151,13 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
                 break
             idx = order[s : s + bs]
             x = data.images[idx].float()
-            r = sample_regions(data, len(idx), ev.region_views, gen)
-            if bool((r > 0).any()):  # show each sample's region at full size
-                x = crop_resize(x, region_boxes[r], size)
+            if regime == "soft" and data.label_present is not None:  # a stored label's crop, with that label
+                r = sample_labels(data, idx, gen)
+                x = crop_resize(x, data.label_boxes[idx, r], size)
+            else:
+                r = sample_regions(data, len(idx), ev.region_views, gen)
+                if bool((r > 0).any()):  # show each sample's region at full size
+                    x = crop_resize(x, region_boxes[r], size)
             target = data.soft[idx, r] if regime == "soft" else None
             x = batch_to(aug.views(normalize(x / 255.0, mean, std)), device, cfg.runtime)
             x, perm, lam = aug.mix(x)
@@ -223,19 +234,33 @@ def summarize(values: list[float]) -> dict:
 def load_image_set(ctx: Context, set_name: str, num_classes: int, with_labels: bool) -> ImageSet:
     """A stored set (:mod:`ddpipe.imageset`) in memory, with its soft labels when ``with_labels``."""
     cfg = ctx.cfg
-    images, classes, soft = [], [], []
+    images, classes, soft, boxes, present = [], [], [], [], []
     for c in range(num_classes):
-        _, imgs = read_class(ctx.store, set_name, c, cfg.channels)
+        paths, imgs = read_class(ctx.store, set_name, c, cfg.channels)
         images.append(imgs)
         classes += [c] * len(imgs)
         if with_labels:
-            table = ctx.store.read_table(f"{set_name}/labels/class={c:05d}.parquet")
-            soft.append(expand(table).view(len(imgs), -1, num_classes))
+            for out, part in zip((soft, boxes, present),
+                                 label_rows(ctx.store.read_table(f"{set_name}/labels/class={c:05d}.parquet"), paths)):
+                out.append(part)
+    varied = with_labels and (cfg.labels.crops > 0 or cfg.labels.keep < 1)  # labels per image, not per region
     return ImageSet(
         images=torch.cat(images), classes=torch.tensor(classes, dtype=torch.int64),
-        soft=torch.cat(soft) if with_labels else None,
+        soft=_padded(soft) if with_labels else None,
         regions=regions(cfg.image_size, set_factor(cfg.factor, set_name)),
+        label_boxes=_padded(boxes) if varied else None, label_present=_padded(present) if varied else None,
     )
+
+
+def _padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-class [n, R_c, ...] tensors joined along the images, padded with zeros to the largest R_c."""
+    width = max(p.shape[1] for p in parts)
+    out = []
+    for p in parts:
+        full = p.new_zeros((p.shape[0], width, *p.shape[2:]))
+        full[:, : p.shape[1]] = p
+        out.append(full)
+    return torch.cat(out)
 
 
 def full_set(ctx: Context, num_classes: int) -> ImageSet:

@@ -5,6 +5,11 @@ For factor 1 an image has one region (region 0, the whole image). For factor f >
 image (region 0) and its f^2 stitched cells (regions 1..f^2, each resized to the input size before the
 teacher sees it), the region-level labels of RDED. A label is ``softmax(teacher(view) / T)``.
 
+With ``labels.crops`` each image also gets that many labelled random-resized crops (rows with region
+numbers after the regions', their boxes in the top/left/height/width columns), and with ``labels.keep`` < 1
+only that share of an image's rows is stored (LPLD's random label pruning, at least one row per image):
+:func:`label_rows` reads such a table back per image.
+
 Storage (Parquet, :data:`labels_schema`): probabilities as float16 or float32; with ``top_k`` only the k
 largest probabilities and their class indices are kept, and :func:`expand` spreads the remaining mass
 evenly over the other classes when reading.
@@ -17,7 +22,7 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from ddpipe.augment import crop_resize
+from ddpipe.augment import crop_resize, generator, sample_boxes
 from ddpipe.config import LabelsConfig, RuntimeConfig
 from ddpipe.data import normalize
 from ddpipe.dataset import dataset_classes
@@ -61,6 +66,37 @@ def region_views(images: torch.Tensor, factor: int) -> tuple[torch.Tensor, list[
         views = crop_resize(images.float(), torch.tensor(boxes * n), size, index)
     meta = [(i, r, boxes[r]) for i in range(n) for r in range(len(boxes))]
     return views, meta
+
+
+def crop_views(images: torch.Tensor, first_region: int, cfg: LabelsConfig, seed: int, c: int, paths: list[str]
+               ) -> tuple[torch.Tensor, list[tuple[int, int, tuple]]]:
+    """``cfg.crops`` random-resized crops of every uint8 image of class ``c`` (boxes drawn from the seed, the
+    class and the image's path), as float [0, 255] views at full size, numbered from ``first_region``."""
+    n, _, size, _ = images.shape
+    if not cfg.crops or not n:
+        return images.new_zeros((0, *images.shape[1:]), dtype=torch.float32), []
+    boxes = torch.cat([sample_boxes(cfg.crops, size, size, generator(seed, "label-crops", c, p), cfg.crop_scale)
+                       for p in paths])
+    views = crop_resize(images.float(), boxes, size, torch.arange(n).repeat_interleave(cfg.crops))
+    meta = [(i, first_region + k, tuple(int(v) for v in boxes[i * cfg.crops + k])) for i in range(n)
+            for k in range(cfg.crops)]
+    return views, meta
+
+
+def pruned(meta: list[tuple[int, int, tuple]], keep: float, gen: torch.Generator) -> list[int]:
+    """LPLD's random label pruning: the rows of ``meta`` kept, each with probability ``keep``, at least one per
+    image (a random one where the draw kept none)."""
+    if keep >= 1:
+        return list(range(len(meta)))
+    draw = torch.rand(len(meta), generator=gen) < keep
+    rows: dict[int, list[int]] = {}
+    for k, (i, _, _) in enumerate(meta):
+        rows.setdefault(i, []).append(k)
+    kept = []
+    for i, ks in rows.items():
+        chosen = [k for k in ks if draw[k]]
+        kept += chosen or [ks[int(torch.randint(len(ks), (1,), generator=gen))]]
+    return sorted(kept)
 
 
 def soft_labels(teacher_model, views: torch.Tensor, labels: LabelsConfig, mean, std, device,
@@ -108,6 +144,25 @@ def expand(table: pa.Table) -> torch.Tensor:
     return torch.from_numpy(dense)
 
 
+def label_rows(table: pa.Table, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A labels table read back per image (``paths``, in the set's order): dense probabilities [N, R, K], the
+    boxes [N, R, 4] (top, left, h, w) and a mask [N, R] of the rows present, R the most rows any image has."""
+    probs = expand(table)
+    images = table["image"].to_pylist()
+    position = {p: i for i, p in enumerate(paths)}
+    rows: list[list[int]] = [[] for _ in paths]
+    for k, p in enumerate(images):
+        rows[position[p]].append(k)
+    width = max((len(r) for r in rows), default=0)
+    soft = torch.zeros(len(paths), width, probs.shape[1])
+    boxes = torch.zeros(len(paths), width, 4, dtype=torch.int64)
+    present = torch.zeros(len(paths), width, dtype=torch.bool)
+    box = torch.tensor([table[c].to_pylist() for c in ("top", "left", "height", "width")], dtype=torch.int64).T
+    for i, ks in enumerate(rows):
+        soft[i, : len(ks)], boxes[i, : len(ks)], present[i, : len(ks)] = probs[ks], box[ks], True
+    return soft, boxes, present
+
+
 def _fixed_list(column: pa.ChunkedArray, width: int) -> np.ndarray:
     flat = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(-1, width)
@@ -127,6 +182,9 @@ def run_labels(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     for c in shard.classes:
         paths, images = read_class(ctx.store, shard.set, c, cfg.channels)
         views, meta = region_views(images, factor)
+        extra, extra_meta = crop_views(images, len(regions(cfg.image_size, factor)), cfg.labels, cfg.seed, c, paths)
+        keep = pruned(meta + extra_meta, cfg.labels.keep, generator(cfg.seed, "label-keep", shard.set, c))
+        views, meta = torch.cat([views, extra])[keep], [(meta + extra_meta)[k] for k in keep]
         probs = soft_labels(model, views, cfg.labels, mean, std, ctx.device, cfg.runtime)
         table = labels_table(paths, [c] * len(paths), meta, probs, num_classes, cfg.labels)
         files.append(ctx.store.write_table(f"{shard.set}/labels/class={c:05d}.parquet", table))

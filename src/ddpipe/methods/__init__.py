@@ -20,7 +20,7 @@ refine     refine                              scoring (RDED's), (moments), stat
 What tells the methods of one family apart is data in their entry (``variant``: :class:`Recovery`,
 :class:`Selection`), never a check on the method's name. A refining method's variant is completed by its config
 (``method.refine``: which teachers, which statistics), :meth:`Method.variant_for`; its stages depend on the config
-too, so a family's ``stages(method, cfg)`` gets it (None: every stage the family can have). This module imports no family: the config
+too, so a family's ``stages(method, cfg)`` gets it (None: the stages of the method's default settings). This module imports no family: the config
 (:mod:`ddpipe.config`) reads it to validate ``method.name``, and a family module is loaded only when a run
 uses it. Adding a method: one module (or a variant of a family), one entry here, its tests
 (docs/architecture.md).
@@ -77,7 +77,7 @@ class Method:
 
     def stages(self, cfg=None) -> tuple:
         """The method's own stages (:class:`ddpipe.pipeline.Stage`), in order, from its family's module, for the
-        run config ``cfg`` (None: every stage the method can have)."""
+        run config ``cfg`` (None: with the method's default settings)."""
         return importlib.import_module(f"{__name__}.{self.family}").stages(self, cfg)
 
 

@@ -316,9 +316,7 @@ ASSEMBLY = Stage("synthesis", ("dataset", "refinement"), ("dataset", "method"), 
 
 
 def stages(method: Method, cfg: RunConfig | None = None) -> tuple[Stage, ...]:
-    """scoring, the statistics (moments too with conv_statistics; every kind when ``cfg`` is None), refinement,
-    synthesis."""
-    if cfg is None:
-        return (SCORING, MOMENTS, STATISTICS, BN_STATISTICS, REFINEMENT, ASSEMBLY)
-    statistics = (MOMENTS, STATISTICS) if conv_statistics(cfg) else (BN_STATISTICS,)
+    """scoring, the statistics (the moments too with ``conv_statistics``), refinement, synthesis; for ``cfg`` None
+    the stages of the default settings (BN statistics only)."""
+    statistics = (MOMENTS, STATISTICS) if cfg is not None and conv_statistics(cfg) else (BN_STATISTICS,)
     return (SCORING, *statistics, REFINEMENT, ASSEMBLY)
