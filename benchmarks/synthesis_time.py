@@ -39,7 +39,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
         _, seconds = run_stages(cfg, until="synthesis")
-        own = [s.name for s in METHODS[cfg.method.name].stages()]
+        own = [s.name for s in METHODS[cfg.method.name].stages(cfg)]
         images = cfg.method.ipc * len(context_for(cfg).source.classes)
         method_seconds = sum(seconds[s] for s in own)
         out["methods"].append({
