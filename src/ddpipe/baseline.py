@@ -11,7 +11,7 @@ import torch
 
 from ddpipe.augment import generator
 from ddpipe.data import Split
-from ddpipe.imageset import write_real_images
+from ddpipe.imageset import random_sets, write_real_images
 from ddpipe.pipeline import Context, Shard, Stage, class_groups
 from ddpipe.store import FileRecord
 
@@ -29,7 +29,7 @@ def run_random_subset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     random, each stored like a distilled set (``random``, ``random-1``, ...)."""
     cfg, split = ctx.cfg, ctx.source.train
     files = []
-    for draw, set_name in enumerate(cfg.random_sets):
+    for draw, set_name in enumerate(random_sets(cfg)):
         for c in shard.classes:
             picks = random_picks(cfg.seed, cfg.method.ipc, split, c, draw)
             files += write_real_images(ctx.store, split, cfg.image_size, set_name, c, picks, runtime=cfg.runtime)

@@ -745,11 +745,6 @@ class RunConfig(_Section):
         return min(n - 1, max(1, want))
 
     @property
-    def random_sets(self) -> tuple[str, ...]:
-        """The random subsets (``evaluation.baseline_draws`` of them): ``random``, ``random-1``, ..."""
-        return tuple("random" if d == 0 else f"random-{d}" for d in range(self.evaluation.baseline_draws))
-
-    @property
     def input_format(self) -> InputFormat:
         return InputFormat(self.image_size, self.channels, *self.normalization)
 

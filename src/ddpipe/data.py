@@ -280,6 +280,10 @@ class DataSource:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def val_counts(self) -> np.ndarray:
+        """Validation images per class (zeros without a validation split)."""
+        return self.val.class_counts() if self.val is not None else np.zeros(self.num_classes, dtype=np.int64)
+
     @property
     def fingerprint(self) -> str:
         val = self.val.fingerprint if self.val is not None else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 
 from ddpipe.data import DataSource
@@ -32,7 +31,7 @@ CLASSES_SCHEMA = pa.schema(
 def check_class_sizes(ipc: int, patches_per_class: int, factor: int, src: DataSource) -> None:
     """Every class must have ``patches_per_class`` training images (factor^2 x ipc); the test split must not be
     empty."""
-    val = src.val.class_counts() if src.val is not None else np.zeros(src.num_classes, dtype=np.int64)
+    val = src.val_counts()
     for c, n in enumerate(src.train.class_counts()):
         if n < patches_per_class:
             held = f" after {val[c]} held out for validation (dataset.val_fraction)" if val[c] else ""
@@ -53,8 +52,7 @@ def dataset_classes(store: Store, dataset: StageManifest) -> list[str]:
 def run_dataset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     cfg, src = ctx.cfg, ctx.source
     check_class_sizes(cfg.method.ipc, cfg.patches_per_class, cfg.factor, src)
-    train, test = src.train.class_counts(), src.test.class_counts()
-    val = src.val.class_counts() if src.val is not None else np.zeros(src.num_classes, dtype=np.int64)
+    train, test, val = src.train.class_counts(), src.test.class_counts(), src.val_counts()
     table = pa.table(
         {"class_index": list(range(src.num_classes)), "class_name": src.classes, "train_images": train.tolist(),
          "test_images": test.tolist(), "val_images": val.tolist()},

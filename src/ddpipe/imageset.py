@@ -28,7 +28,22 @@ from ddpipe.store import FileRecord, Store
 
 def run_sets(cfg) -> tuple[str, ...]:
     """The sets every run labels and evaluates: the distilled set, then each random subset."""
-    return ("distilled", *cfg.random_sets)
+    return ("distilled", *random_sets(cfg))
+
+
+def random_sets(cfg) -> tuple[str, ...]:
+    """The random subsets of a run (``evaluation.baseline_draws`` of them): ``random``, ``random-1``, ..."""
+    return tuple("random" if d == 0 else f"random-{d}" for d in range(cfg.evaluation.baseline_draws))
+
+
+def side_of(set_name: str) -> str:
+    """Which side of a comparison an evaluated set is on: distilled, random (every draw) or full."""
+    return "random" if set_name == "random" or set_name.startswith("random-") else set_name
+
+
+def draw_of(set_name: str) -> int:
+    """Which random subset a set name is (0 for ``random``)."""
+    return int(set_name.rsplit("-", 1)[1]) if set_name.startswith("random-") else 0
 
 
 PROVENANCE_SCHEMA = pa.schema(

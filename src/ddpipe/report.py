@@ -40,7 +40,7 @@ import json
 
 from ddpipe.codehash import CODE_VERSION
 from ddpipe.evaluate import student_models, summarize
-from ddpipe.imageset import image_grid, png_bytes, read_class
+from ddpipe.imageset import draw_of, image_grid, png_bytes, read_class, side_of
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import Context
 from ddpipe.scores import compare, hard_label_recovery, label_robust_score
@@ -131,15 +131,6 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
                                    "reason": f"not compared: {difference}"}
         out[regime] = entry
     return out
-
-
-def side_of(set_name: str) -> str:
-    """Which side of a comparison an evaluated set is on: distilled, random (every draw) or full."""
-    return "random" if set_name == "random" or set_name.startswith("random-") else set_name
-
-
-def draw_of(set_name: str) -> int:
-    return int(set_name.rsplit("-", 1)[1]) if set_name.startswith("random-") else 0
 
 
 def test_accuracy(result: dict) -> float:
