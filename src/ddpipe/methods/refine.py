@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -311,8 +310,13 @@ def run_refinement(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
 
 REFINEMENT = Stage("refinement", ("dataset", "teacher", "scoring", "statistics"), ("dataset", "method", "statistics"),
                    recovery_shards, run_refinement, doc="optimise the real starting images against the teachers")
-ASSEMBLY = Stage("synthesis", ("dataset", "refinement"), ("dataset", "method"), class_groups,
-                 partial(run_assembly, stage="refinement"), doc="join the refined images' provenance per class")
+def run_refined_assembly(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
+    """The distilled set's per-class provenance, joined from the refinement shards."""
+    return run_assembly(ctx, shard, inputs, stage="refinement")
+
+
+ASSEMBLY = Stage("synthesis", ("dataset", "refinement"), ("dataset", "method"), class_groups, run_refined_assembly,
+                 doc="join the refined images' provenance per class")
 
 
 def stages(method: Method, cfg: RunConfig | None = None) -> tuple[Stage, ...]:
