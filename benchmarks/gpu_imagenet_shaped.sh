@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ImageNet-geometry path on a GPU, one command: the imagenet-shaped RDED preset on CUDA (bf16, channels_last,
 # JPEGs decoded on the device by the training and evaluation loaders), then the scoring stage's images/s against
-# the teacher's bare forward pass on the same crops (benchmarks/scoring_throughput.py), with 0 and 2 loader workers.
+# the teacher's bare forward pass on the same crops (benchmarks/scoring_throughput.py), with 0 and 2 loader workers,
+# then refine's synthesis time per image against RDED's (configs/imagenet-shaped-refine.yaml, issue 26).
 #
 #   benchmarks/gpu_imagenet_shaped.sh [DATA] [STORE]     (on a machine with a CUDA GPU)
 #
@@ -22,3 +23,7 @@ for w in 0 2; do
     $PY benchmarks/scoring_throughput.py --config configs/imagenet-shaped-rded.yaml "${GPU[@]}" \
         --set "store.uri=$STORE" --set runtime.loader_workers=$w --set method.candidates_per_class=40
 done
+# refine (the FADRM preset at ImageNet geometry) against RDED: synthesis seconds per image on the same teacher.
+TEACHER=$(ls "$STORE"/shared/teachers/*/teacher.pt | head -1)
+$PY benchmarks/synthesis_time.py --store "$STORE-synth" --config configs/imagenet-shaped-rded.yaml \
+    configs/imagenet-shaped-refine.yaml "${GPU[@]}" --set "teacher.checkpoint=$TEACHER"
