@@ -171,15 +171,21 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int, device, r
 
 
 @torch.no_grad()
+def last_linear(model: nn.Module) -> str | None:
+    """The name of ``model``'s last ``nn.Linear`` (its classifier; its input is the penultimate features)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return names[-1] if names else None
+
+
 def penultimate_features(model: nn.Module, split: Split, indices, mean, std, device, runtime: RuntimeConfig,
                          batch_size: int = 1000) -> torch.Tensor:
     """The input of ``model``'s last ``nn.Linear`` (its penultimate features, float32 on CPU) for every image
     of ``split[indices]``."""
-    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linear:
+    name = last_linear(model)
+    if name is None:
         raise ValueError(f"{model.__class__.__name__} has no linear layer to take penultimate features from")
     seen: list[torch.Tensor] = []
-    handle = linear[-1].register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[0].detach().float().cpu()))
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda mod, inputs: seen.append(inputs[0].detach().float().cpu()))
     model.eval()
     try:
         for images, _ in split.batches(np.asarray(indices), batch_size, runtime, device):

@@ -228,23 +228,25 @@ def selected_rows(scores: pa.Table, patches: int) -> list[dict]:
 
 
 def stitch_class(split: Split, rows: list[dict], ipc: int, factor: int, fmt: InputFormat,
-                 runtime: RuntimeConfig | None = None) -> tuple[torch.Tensor, list[dict]]:
+                 runtime: RuntimeConfig | None = None, span: tuple[int, int] | None = None
+                 ) -> tuple[torch.Tensor, list[dict]]:
     """RDED stage 2: uint8 images [ipc, C, S, S] of one class and their per-region provenance (every patch of
-    the class cut through one loader)."""
+    the class cut through one loader). ``span`` (j0, j1): only the images of IPC indices j0..j1-1, [j1 - j0, ...]
+    (their provenance keeps the class's IPC index)."""
+    j0, j1 = span or (0, ipc)
     size = fmt.size
     cells = cell_boxes(size, factor)
-    images = torch.zeros(ipc, fmt.channels, size, size, dtype=torch.uint8)
+    images = torch.zeros(j1 - j0, fmt.channels, size, size, dtype=torch.uint8)
+    kept = [(cell_index, cell, j, rows[cell_index * ipc + j]) for cell_index, cell in enumerate(cells)
+            for j in range(j0, j1)]
     jobs = [(r["source_index"], torch.tensor([[r["top"], r["left"], r["height"], r["width"]]]), cell[2:])
-            for cell_index, cell in enumerate(cells) for r in rows[cell_index * ipc : (cell_index + 1) * ipc]]
+            for _, cell, _, r in kept]
     patches = [p for batch in loader(jobs, lambda job: split.crops(int(job[0]), lambda h, w: job[1], job[2])[1],
                                      16, runtime) for p in batch]
     provenance = []
-    for cell_index, (top, left, h, w) in enumerate(cells):
-        for j, r in enumerate(rows[cell_index * ipc : (cell_index + 1) * ipc]):
-            images[j, :, top : top + h, left : left + w] = patches[cell_index * ipc + j][0]
-            provenance.append(
-                {"ipc_index": j, "region": cell_index + 1 if factor > 1 else 0, "cell": (top, left, h, w), **r}
-            )
+    for (cell_index, (top, left, h, w), j, r), patch in zip(kept, patches):
+        images[j - j0, :, top : top + h, left : left + w] = patch[0]
+        provenance.append({"ipc_index": j, "region": cell_index + 1 if factor > 1 else 0, "cell": (top, left, h, w), **r})
     provenance.sort(key=lambda p: (p["ipc_index"], p["region"]))
     return images, provenance
 

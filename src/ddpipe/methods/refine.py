@@ -56,14 +56,15 @@ from ddpipe.data import Split, normalize
 from ddpipe.imageset import image_path, png_bytes, provenance_table
 from ddpipe.methods import METHODS, Method
 from ddpipe.methods.rded import SCORING, stitch_class
-from ddpipe.methods.recovery.recover import StatisticMatcher, augment_batch, recovery_shards, recovery_units, run_assembly
+from ddpipe.methods.recovery.recover import (
+    StatisticMatcher, augment_batch, matched_teachers, recovery_shards, recovery_units, run_assembly,
+)
 from ddpipe.methods.recovery.statistics import (
-    BN_STATISTICS, MOMENTS, STATISTICS, bn_layers, channel_moments, read_statistics, statistic_teachers,
+    BN_STATISTICS, MOMENTS, STATISTICS, bn_layers, channel_moments,
 )
 from ddpipe.pipeline import Context, Shard, Stage, class_groups
 from ddpipe.store import FileRecord
-from ddpipe.teacher import teacher_of
-from ddpipe.train import autocast
+from ddpipe.train import autocast, last_linear
 
 
 def start_rows(scores: pa.Table, patches: int, init: str) -> list[dict]:
@@ -84,8 +85,7 @@ class Taps:
     def __init__(self, model: nn.Module):
         self.seen: dict[str, torch.Tensor] = {}
         self.bn = [name for name, _ in bn_layers(model)]
-        linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        self.last = linear[-1][0] if linear else None
+        self.last = last_linear(model)
         modules = dict(model.named_modules())
         self.handles = [modules[n].register_forward_pre_hook(self._keep(n)) for n in self.bn + [self.last] if n]
 
@@ -274,23 +274,19 @@ def run_refinement(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     cfg, store = ctx.cfg, ctx.store
     rc, r, fmt = cfg.method.recovery, cfg.method.refine, cfg.input_format
     split = ctx.source.train
-    pairs = []
-    for k in statistic_teachers(cfg):
-        stats = ctx.cached(f"statistics:{inputs['statistics'].sha256}:{k}",
-                           lambda k=k: read_statistics(store.read_bytes(f"statistics/teacher{k}.pt")))
-        pairs.append((teacher_of(ctx, inputs, k).model, stats))
-    starts = {}
+    pairs = matched_teachers(ctx, inputs)
+    j0, j1 = shard.ipc
+    starts = {}  # the shard's IPC range only
     for c in shard.classes:
         scores = store.read_table(f"scoring/class={c:05d}.parquet")
         rows = start_rows(scores, cfg.patches_per_class, r.init)
-        starts[c] = stitch_class(split, rows, cfg.method.ipc, cfg.factor, fmt, cfg.runtime)
+        starts[c] = stitch_class(split, rows, cfg.method.ipc, cfg.factor, fmt, cfg.runtime, span=(j0, j1))
     files, prov, losses = [], [], []
     units = recovery_units(rc, shard.classes, shard.ipc)
-    j0, j1 = shard.ipc
     for u, (unit, classes) in enumerate(units):
         gen = generator(cfg.seed, "refinement", unit)
         batch = [(c, j) for c in classes for j in range(j0, j1)]
-        start = torch.stack([starts[c][0][j] for c, j in batch])
+        start = torch.stack([starts[c][0][j - j0] for c, j in batch])
         anchors = {c: draw_anchors(split, c, r.anchors_per_class, cfg.seed) for c in classes}
         y = torch.tensor([c for c, _ in batch], dtype=torch.int64)
         step = progress.stepper("refinement", shard.id, every=20)

@@ -269,16 +269,22 @@ def recovery_batches(variant: Recovery, classes: tuple[int, ...], ipc: tuple[int
     return [[(c, j) for c in classes] for j in range(j0, j1)]
 
 
+def matched_teachers(ctx: Context, inputs) -> list[tuple[nn.Module, dict]]:
+    """Each statistics teacher with its stored statistics, in round-robin order (loaded once per process)."""
+    pairs = []
+    for k in statistic_teachers(ctx.cfg):
+        stats = ctx.cached(f"statistics:{inputs['statistics'].sha256}:{k}",
+                           lambda k=k: read_statistics(ctx.store.read_bytes(f"statistics/teacher{k}.pt")))
+        pairs.append((teacher_of(ctx, inputs, k).model, stats))
+    return pairs
+
+
 def run_recovery(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     """Recover the shard's images from noise; each image's starting noise depends only on (seed, class, ipc index)."""
     cfg, store = ctx.cfg, ctx.store
     variant: Recovery = METHODS[cfg.method.name].variant_for(cfg.method)
     fmt: InputFormat = cfg.input_format
-    pairs = []
-    for k in statistic_teachers(cfg):
-        stats = ctx.cached(f"statistics:{inputs['statistics'].sha256}:{k}",
-                           lambda k=k: read_statistics(store.read_bytes(f"statistics/teacher{k}.pt")))
-        pairs.append((teacher_of(ctx, inputs, k).model, stats))
+    pairs = matched_teachers(ctx, inputs)
     files, rows, losses = [], [], []
     batches = []
     for unit, classes in recovery_units(cfg.method.recovery, shard.classes, shard.ipc):
