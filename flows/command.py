@@ -1,44 +1,57 @@
 """How ``ddpipe run`` (the default Prefect engine) runs the ``distill`` flow from the command line.
 
 The command line lives in :mod:`ddpipe.cli`, which has no Prefect import; this module holds what only the
-Prefect engine needs: quiet defaults for a temporary local server, and a log filter that keeps a
+Prefect engine needs: quiet defaults, the temporary local server (:mod:`ddpipe.flows.server`: it ends with the
+process that started it, even after SIGKILL), and a log filter that keeps a
 :class:`~ddpipe.errors.DDPipeError` to the CLI's one line (Prefect would echo it with a traceback).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from ddpipe.config import RunConfig
 from ddpipe.errors import DDPipeError
+from ddpipe.flows.server import TIMEOUT_ENV, prefect_api, startup_timeout
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_LEVEL": "WARNING",
 }
 
 
+def _prefect_environment() -> float:
+    """ddpipe's defaults for Prefect's settings, before Prefect reads them; the server's start-up wait (checked
+    here: Prefect would refuse a wait that is not whole seconds with a traceback)."""
+    for k, v in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    timeout = startup_timeout()
+    if TIMEOUT_ENV in os.environ:
+        os.environ[TIMEOUT_ENV] = str(math.ceil(timeout))
+    return timeout
+
+
 def run_flow(cfg: RunConfig) -> dict:
     """Run the distill flow for ``cfg`` (a temporary local server unless PREFECT_API_URL is set); its report."""
-    for k, v in PREFECT_DEFAULTS.items():  # before Prefect reads its settings
-        os.environ.setdefault(k, v)
+    timeout = _prefect_environment()
     from ddpipe.flows.distill import distill
 
     _quiet_known_errors()
-    return distill(config=cfg)
+    with prefect_api(timeout):
+        return distill(config=cfg)
 
 
 def run_evaluate_flow(matrix: str, overrides: list[str], methods: list[str] | None = None,
                       ipcs: list[int] | None = None) -> dict:
     """Run the evaluate flow for a matrix file (same server rules as :func:`run_flow`); its report."""
-    for k, v in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(k, v)
+    timeout = _prefect_environment()
     from ddpipe.flows.evaluate import evaluate
 
     _quiet_known_errors()
-    return evaluate(matrix=matrix, overrides=overrides, methods=methods, ipc=ipcs)
+    with prefect_api(timeout):
+        return evaluate(matrix=matrix, overrides=overrides, methods=methods, ipc=ipcs)
 
 
 def _error_names() -> tuple[str, ...]:

@@ -49,3 +49,7 @@ class StoreError(DDPipeError):
 
 class ValidationError(DDPipeError):
     """A stage output failed validation (hash, size, row count)."""
+
+
+class ServerError(DDPipeError):
+    """The temporary Prefect server of a run did not start."""
