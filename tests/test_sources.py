@@ -305,3 +305,34 @@ def test_device_decode_path_matches_the_cpu_loader(shaped, tmp_path):
     on_device = src.train._device_batch(datas, np.arange(6), torch.device("cpu"))
     assert on_device.shape == (6, 3, 64, 64) and on_device.dtype == torch.uint8
     assert (on_device.float() - src.train.batch(range(6)).float()).abs().mean() < 4
+
+
+def test_sixteen_bit_and_palette_images_are_scaled_not_clipped():
+    from ddpipe.decode import decode
+
+    ramp = (np.arange(40 * 20).reshape(20, 40) * 80).astype(np.uint16)  # 0 .. 63920 over the image
+    files = {}
+    for kind in ("PNG", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(ramp).save(buf, kind)  # 16-bit greyscale (mode I;16)
+        files[f"16-bit {kind}"] = buf.getvalue()
+    palette = Image.new("RGB", (40, 20), (200, 30, 30))
+    palette.paste((10, 10, 220), (0, 0, 10, 20))
+    buf = io.BytesIO()
+    palette.convert("P", palette=Image.Palette.ADAPTIVE, colors=4).save(buf, "PNG")
+    files["palette"] = buf.getvalue()
+    buf = io.BytesIO()
+    indexed = palette.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    indexed.save(buf, "GIF", transparency=indexed.getpixel((5, 10)))  # the blue band's entry is transparent
+    files["palette+transparency"] = buf.getvalue()
+    assert Image.open(io.BytesIO(files["16-bit PNG"])).mode.startswith("I")
+    expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    for kind in ("16-bit PNG", "16-bit TIFF"):
+        grey = decode(files[kind], 1, kind)[0][0]
+        assert (grey.int() - expected.int()).abs().max() <= 1, kind  # scaled: the whole range survives
+        assert len(grey.unique()) > 200 and abs(grey.float().mean() - expected.float().mean()) < 0.5
+        assert torch.equal(decode(files[kind], 3, kind)[0][1], grey)
+    rgb = decode(files["palette"], 3, "palette")[0]
+    assert rgb[:, 10, 30].tolist() == [200, 30, 30] and rgb[:, 10, 5].tolist() == [10, 10, 220]
+    gif = decode(files["palette+transparency"], 3, "gif")[0]
+    assert gif[:, 10, 5].tolist() == [255, 255, 255] and gif[:, 10, 30].tolist() == [200, 30, 30]  # over white

@@ -1,7 +1,8 @@
 """Image bytes to ``uint8 [C, H, W]`` tensors, on the CPU (Pillow) or in batches on a CUDA device (nvJPEG).
 
 :func:`decode` is the one CPU decoder of the project. It applies the EXIF orientation, converts CMYK, palette and
-grayscale images to the run's channels, composites images with an alpha channel over white, and can decode a
+grayscale images to the run's channels, scales 16-bit (and 32-bit, float) greyscale to 8 bits instead of
+clipping it, composites images with an alpha channel over white, and can decode a
 JPEG at 1/2, 1/4 or 1/8 of its size with the JPEG DCT-scaling mode (``reduce``), which costs a fraction of a full
 decode. :func:`reduction` says how far an image may be reduced for a set of crop boxes and an output size.
 :func:`decode_jpegs_cuda` decodes a batch of JPEGs on the GPU with torchvision (``runtime.gpu_decode``).
@@ -128,12 +129,29 @@ def _shown(data: bytes, channels: int, name: _Name, reduce):
         im.load()
         scale = im.size[0] / full_w
         im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I") or im.mode == "F":
+            im = _eight_bit(im)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return im.convert("L" if channels == 1 else "RGB"), scale
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"cannot decode image {name} ({e.__class__.__name__}: {first_line(e)})") from None
+
+
+def _eight_bit(im):
+    """A 16-bit (``I;16*``), 32-bit integer (``I``) or float (``F``) greyscale image as 8-bit ``L``, scaled rather
+    than clipped: 16-bit values by 255/65535 (``I`` holds them too: Pillow opens some 16-bit files so), floats from
+    [0, 1] when they lie in it, else as 8-bit values."""
+    from PIL import Image
+
+    arr = np.asarray(im)
+    if im.mode == "F":
+        arr = arr.astype(np.float64)
+        scaled = arr * 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else arr
+    else:
+        scaled = arr.astype(np.float64) * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8), mode="L")
 
 
 def _tensor(arr: np.ndarray) -> torch.Tensor:
