@@ -165,6 +165,12 @@ for name, assignment, fragments in [
     ("zero-batch", "teacher.batch_size=0", ("teacher.batch_size",)),
     ("negative-label-smoothing", "teacher.label_smoothing=-0.1", ("teacher.label_smoothing",)),
     ("storage-options-not-a-mapping", "store.storage_options=3", ("store.storage_options",)),
+    ("storage-options-unknown-key", "store.storage_options={endpoint_url: http://x}",
+     ("store.storage_options has key 'endpoint_url'", "local filesystem")),
+    ("dataset-storage-options-unknown-key", "dataset.storage_options={anon: true}",
+     ("dataset.storage_options has key 'anon'",)),
+    ("duplicate-seeds", "evaluation.seeds=[0, 1, 0]", ("evaluation.seeds", "seed 0 is listed twice")),
+    ("top-k-above-classes", "labels.top_k=11", ("labels.top_k=11 is above the 10 classes",)),
     ("flip-against-the-data", ("dataset.flip=false", "teacher.augment={flip: true}"),
      ("teacher.augment.flip is true but dataset.flip is false",)),
 ]:
@@ -360,6 +366,13 @@ def _(tmp):
     data = dict(TINY, dataset={"kind": "image-folder", "root": str(root), "image_size": 28, "channels": 1},
                 method={**TINY["method"], "ipc": 9, "candidates_per_class": 9})
     return run(tmp, write_config(tmp, data))
+
+
+@case("folder-test-split-lacks-a-class", "test split has no images of 1 of the 3 training classes", "'n00000001'")
+def _(tmp):
+    root = folder_copy(tmp)
+    shutil.rmtree(root / "val" / "n00000001")
+    return folder_case(tmp, root)
 
 
 # ---------------------------------------------------------------- teacher checkpoints

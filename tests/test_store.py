@@ -60,3 +60,48 @@ def test_torch_objects_round_trip_and_bad_bytes_are_one_named_error():
             torch_object(bad, "teacher checkpoint s3://b/t.pt")
     with pytest.raises(CheckpointError, match="stats.pt is not a ddpipe-statistics/1 file"):
         read_statistics(full, "stats.pt")  # readable, but not a statistics file
+
+
+def test_write_that_fills_the_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    real_open = builtins.open
+    monkeypatch.setattr("ddpipe.store.open", lambda path, mode="r": FullDisk(real_open(path, mode)), raising=False)
+    store = Store(str(tmp_path / "s"))
+    with pytest.raises(StoreError, match=r"cannot write .*x.parquet: .*No space left on device"):
+        store.write_table("stage/x.parquet", pa.table({"v": [1, 2]}))
+    assert sorted(p.name for p in (tmp_path / "s").rglob("*")) == ["stage"]  # no x.parquet.tmp-*, no x.parquet
+
+
+def test_temporaries_of_a_killed_write_are_removed_when_the_run_starts(tmp_path):
+    from ddpipe.pipeline import context_for, prepare, run_store
+
+    from conftest import smoke_config
+
+    cfg = smoke_config(tmp_path / "runs")
+    folder = tmp_path / "runs" / cfg.run_name
+    (folder / "scoring").mkdir(parents=True)
+    stale = [folder / "scoring" / "class=00001.parquet.tmp-0f3a", folder / "report.json.tmp-77"]
+    for path in stale:
+        path.write_bytes(b"")  # what SIGKILL mid-write leaves
+    (folder / "scoring" / "class=00000.parquet").write_bytes(b"kept")
+    shared = tmp_path / "runs" / "shared" / "teachers" / "k" / "teacher.pt.tmp-1"  # another run's: not touched
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(b"")
+    prepare(context_for(cfg))
+    assert not any(p.exists() for p in stale) and (folder / "scoring" / "class=00000.parquet").exists()
+    assert shared.exists() and run_store(cfg).read_bytes("config.yaml")

@@ -62,7 +62,18 @@ class OptimConfig(_Section):
 
 class _HidesCredentials(_Section):
     """A section with ``storage_options``: every JSON dump (config.yaml, the Prefect flow run's parameters, a
-    deployment's) shows each credential in them as "***"; a "***" loaded back is dropped."""
+    deployment's) shows each credential in them as "***"; a "***" loaded back is dropped. Keys the filesystem does
+    not take are refused where it can tell (local, memory and S3: :func:`ddpipe.store.unknown_storage_options`)."""
+
+    def _check_storage_options(self, uri: str | None, field: str):
+        from ddpipe.store import unknown_storage_options
+
+        unknown, known = unknown_storage_options(uri or "", self.storage_options)
+        if unknown:
+            kind = uri.split("://", 1)[0] if uri and "://" in uri else "local"
+            raise ValueError(f"{field} has key '{unknown[0]}', which the {kind} filesystem does not take (it takes: "
+                             f"{', '.join(known)})")
+        return self
 
     @field_validator("storage_options", mode="before", check_fields=False)
     @classmethod
@@ -158,6 +169,10 @@ class DatasetConfig(_HidesCredentials):
         True, description="Mirrored images keep their class. false (digits, text, ...): no stage flips images; the "
         "teacher, student and recovery flips default to off, and turning one on is refused.",
     )
+
+    @model_validator(mode="after")
+    def _known_storage_options(self):
+        return self._check_storage_options(self.root, "dataset.storage_options")
 
 
 class TeacherConfig(_Section):
@@ -512,7 +527,8 @@ class EvaluationConfig(_Section):
         description="hard: cross-entropy on class labels; soft: KL to the stored soft labels; soft_kd: KL to the "
         "teacher's output on every augmented view.",
     )
-    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="One student per seed; mean and std reported.")
+    seeds: tuple[int, ...] = Field((0, 1, 2), min_length=1, description="One student per seed; mean and std reported. "
+                                   "Distinct: a seed listed twice trains the same student twice.")
     full: bool = Field(
         False, description="Also train the main student on the whole training split with hard labels, with the "
         "same batch size and step budget as on the ipc sets (matched compute): the reference of hard-label "
@@ -563,6 +579,15 @@ class EvaluationConfig(_Section):
     )
     test_batch_size: int = Field(1000, ge=1, description="Batch size for test accuracy.")
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        twice = sorted({s for s in v if v.count(s) > 1})
+        if twice:
+            raise ValueError(f"seed {twice[0]} is listed twice: the same student would count twice in the mean and "
+                             "its spread (list distinct seeds)")
+        return v
+
 
 class StoreConfig(_HidesCredentials):
     """Where run folders are written: any fsspec URI."""
@@ -578,6 +603,10 @@ class StoreConfig(_HidesCredentials):
         "renewed every lock_ttl_s/4 seconds; one not renewed for lock_ttl_s is stale and another run may take it "
         "over. Local stores need none (the lock ends with its process).",
     )
+
+    @model_validator(mode="after")
+    def _known_storage_options(self):
+        return self._check_storage_options(self.uri, "store.storage_options")
 
 
 class OrchestrationConfig(_Section):

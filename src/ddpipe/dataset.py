@@ -12,7 +12,7 @@ import json
 import pyarrow as pa
 
 from ddpipe.data import DataSource
-from ddpipe.errors import DataError
+from ddpipe.errors import ConfigError, DataError
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import Context, Shard, Stage, single_shard
 from ddpipe.store import FileRecord, Store
@@ -43,6 +43,25 @@ def check_class_sizes(ipc: int, patches_per_class: int, factor: int, src: DataSo
         raise DataError("the test split has no images")
 
 
+def check_data(cfg, src: DataSource) -> None:
+    """What the config asks of the data, checked before any stage records completion: the class sizes
+    (:func:`check_class_sizes`), ``labels.top_k`` against the class count, and a test split that tests every class.
+
+    A test split without images of a class is refused, not warned about: its accuracy would silently measure fewer
+    classes than the students learn, and the usual cause is a class folder missing or misnamed in one split (the
+    class-map mismatch that makes results collapse without a word)."""
+    check_class_sizes(cfg.method.ipc, cfg.patches_per_class, cfg.factor, src)
+    n = src.num_classes
+    if cfg.labels.top_k is not None and cfg.labels.top_k > n:
+        raise ConfigError(f"labels.top_k={cfg.labels.top_k} is above the {n} classes of the data (at most {n}, or null "
+                          "to store every class)")
+    missing = [c for c, k in enumerate(src.test.class_counts()) if k == 0]
+    if missing:
+        names = ", ".join(f"'{src.classes[c]}'" for c in missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise DataError(f"the test split has no images of {len(missing)} of the {n} training classes ({names}): every "
+                        "class the students learn must be tested (a class folder missing or misnamed in the test split?)")
+
+
 def dataset_classes(store: Store, dataset: StageManifest) -> list[str]:
     """The class names, in class-index order, from the dataset stage's outputs."""
     path = next(f.path for f in stage_files(store, dataset) if f.path.endswith("classes.parquet"))
@@ -51,7 +70,7 @@ def dataset_classes(store: Store, dataset: StageManifest) -> list[str]:
 
 def run_dataset(ctx: Context, shard: Shard, inputs) -> list[FileRecord]:
     cfg, src = ctx.cfg, ctx.source
-    check_class_sizes(cfg.method.ipc, cfg.patches_per_class, cfg.factor, src)
+    check_data(cfg, src)
     train, test, val = src.train.class_counts(), src.test.class_counts(), src.val_counts()
     table = pa.table(
         {"class_index": list(range(src.num_classes)), "class_name": src.classes, "train_images": train.tolist(),

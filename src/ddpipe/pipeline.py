@@ -279,12 +279,14 @@ def flow_task_runs(plan: dict[str, list[Shard]]) -> int:
 
 
 def prepare(ctx: Context) -> str:
-    """Check the store is writable, write the resolved config, and return the run folder's token.
+    """Check the store is writable, remove temporary files that a killed run left, write the resolved config, and
+    return the run folder's token (called with the run lock held).
 
     The token is a random id written once into ``run.json`` when the folder is created. Orchestrator
     caches add it to their keys, so deleting a run folder also invalidates everything cached for it.
     """
     ctx.store.check_writable()
+    ctx.store.remove_temporaries()
     ctx.store.write_bytes("config.yaml", ctx.cfg.to_yaml().encode(), if_changed=True)
     if ctx.store.exists("run.json"):
         info = ctx.store.read_json("run.json")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from ddpipe.baseline import RANDOM_SUBSET
 from ddpipe.config import RunConfig
-from ddpipe.dataset import DATASET, check_class_sizes
+from ddpipe.dataset import DATASET, check_data
 from ddpipe.evaluate import EVALUATION
 from ddpipe.labels import LABELS
 from ddpipe.methods import METHODS
@@ -52,5 +52,5 @@ def preflight(cfg: RunConfig) -> None:
     ctx = context_for(cfg)
     ctx.device  # a device this machine lacks is refused here
     ctx.store.check_writable()
-    check_class_sizes(cfg.method.ipc, cfg.patches_per_class, cfg.factor, ctx.source)
+    check_data(cfg, ctx.source)
     check_teacher_checkpoint(cfg, ctx.source.classes)

@@ -86,6 +86,34 @@ def fs_options(uri: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+CHECKED_PROTOCOLS = ("file", "local", "memory", *S3_PROTOCOLS)  # filesystems that ignore an unknown option
+
+
+def unknown_storage_options(uri: str, options: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """The keys of ``options`` that the filesystem of ``uri`` does not take, and the keys it takes; ([], []) for a
+    filesystem that cannot tell. fsspec's local, memory and S3 filesystems accept any keyword and ignore the ones
+    they do not know (a misspelt ``endpoint_url`` would silently reach AWS): their known keys are the named
+    parameters of their constructors, of fsspec's base class and of its listings cache."""
+    import inspect
+
+    from fsspec.dircache import DirCache
+
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if not options or protocol not in CHECKED_PROTOCOLS:
+        return [], []
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        return [], []
+    known = {"skip_instance_cache"}
+    for klass in (*cls.__mro__, DirCache):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            known |= {p.name for p in inspect.signature(init).parameters.values()
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("self", "loop")}
+    return sorted(k for k in options if k not in known), sorted(known)
+
+
 class Store:
     """A folder (the run folder) in an fsspec filesystem."""
 
@@ -146,6 +174,21 @@ class Store:
 
     def write_table(self, rel: str, table: pa.Table, if_changed: bool = False) -> FileRecord:
         return self.write_bytes(rel, table_bytes(table), rows=table.num_rows, if_changed=if_changed)
+
+    def remove_temporaries(self) -> list[str]:
+        """Remove the temporary files (``*.tmp-*``) of writes that never finished (a process killed mid-write) from
+        this folder and its sub-folders; their paths. Local stores only: an object store has none (a file is one
+        PUT). Call it only while no write into the folder is under way (the run lock held)."""
+        if not self.local or not os.path.isdir(self.root):
+            return []
+        removed = []
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                if ".tmp-" in name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
+                    removed.append(os.path.relpath(os.path.join(folder, name), self.root))
+        return removed
 
     def remove(self, rel: str) -> None:
         try:
