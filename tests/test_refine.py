@@ -103,7 +103,7 @@ def test_mix_without_its_interval_is_refused(tmp_path):
 
 def test_refine_gets_optimiser_defaults_fit_for_a_real_start(tmp_path):
     cfg = smoke_config(tmp_path, "method.name=refine")
-    assert (cfg.method.recovery.iterations, cfg.method.recovery.lr) == (200, 0.05)
+    assert (cfg.method.recovery.iterations, cfg.method.recovery.lr) == (40, 0.05)
     assert smoke_config(tmp_path, "method.name=sre2l").method.recovery.iterations == 1000
 
 
