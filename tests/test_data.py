@@ -166,3 +166,23 @@ def test_image_folder_missing_split_is_a_clear_error(tmp_path):
     shutil.rmtree(root / "val")
     with pytest.raises(DatasetNotFoundError, match="dataset folder .*/val not found"):
         open_source(folder_config(root))
+
+
+@pytest.mark.fmnist
+def test_a_class_too_small_for_the_validation_split_is_a_report_warning(tmp_path):
+    import pyarrow as pa
+
+    from ddpipe.pipeline import context_for
+    from ddpipe.report import validation_gaps
+
+    root = write_image_folder(tmp_path / "data", per_class=6)
+    for extra in sorted((root / "train" / "n00000001").iterdir())[1:]:
+        extra.unlink()  # class 1 keeps one training image: none left for validation
+    cfg = folder_config(root, val_fraction=0.2)
+    src = context_for(cfg).source
+    table = pa.table({"class_name": src.classes, "train_images": src.train.class_counts().tolist(),
+                      "val_images": src.val_counts().tolist()})
+    assert table.column("val_images").to_pylist() == [1, 0, 1]
+    (warning,) = validation_gaps(table, cfg.has_val_split)
+    assert "no images of 1 of the 3 classes ('n00000001'" in warning
+    assert validation_gaps(table, False) == []

@@ -78,7 +78,8 @@ def build_report(ctx: Context, manifests: dict[str, StageManifest], timings: dic
             "bytes": label_bytes, "bytes_per_image": label_bytes / max(1, n_images),
         },
         "regimes": regimes,
-        "warnings": far_below_random(regimes) + refused_comparisons(regimes),
+        "warnings": (validation_gaps(store.read_table("dataset/classes.parquet"), cfg.has_val_split)
+                     + far_below_random(regimes) + refused_comparisons(regimes)),
         "scores": scores(regimes),
         "cross_architecture": cross,
         "generation": generation_summary(store, manifests),
@@ -153,6 +154,19 @@ def recipe_difference(distilled: list[dict], random: list[dict]) -> str | None:
 
 
 FAR_BELOW_RANDOM = 0.03  # a distilled set this far below its random subset (3 points) is flagged
+
+
+def validation_gaps(classes, has_val_split: bool) -> list[str]:
+    """A warning when the validation split holds no image of some classes (a class with one training image keeps
+    it for training): the teacher gate and any setting chosen on validation do not see them. A warning, not a
+    refusal: such a class can still be distilled and tested."""
+    rows = classes.to_pylist()
+    gaps = [r["class_name"] for r in rows if has_val_split and r["val_images"] == 0 and r["train_images"] > 0]
+    if not gaps:
+        return []
+    names = ", ".join(f"'{n}'" for n in gaps[:3]) + (", ..." if len(gaps) > 3 else "")
+    return [f"the validation split has no images of {len(gaps)} of the {len(rows)} classes ({names}: one training "
+            "image each); the teacher gate and settings chosen on validation do not see them"]
 
 
 def far_below_random(regimes: dict) -> list[str]:
