@@ -1,7 +1,7 @@
 """How ``ddpipe run`` (the default Prefect engine) runs the ``distill`` flow from the command line.
 
 The command line lives in :mod:`ddpipe.cli`, which has no Prefect import; this module holds what only the
-Prefect engine needs: quiet defaults, the temporary local server (:mod:`ddpipe.flows.server`: it ends with the
+Prefect engine needs: quiet defaults, the temporary local server (:mod:`ddpipe.flows.temporary_server`: it ends with the
 process that started it, even after SIGKILL), and a log filter that keeps a
 :class:`~ddpipe.errors.DDPipeError` to the CLI's one line (Prefect would echo it with a traceback).
 """
@@ -14,7 +14,7 @@ import os
 
 from ddpipe.config import RunConfig
 from ddpipe.errors import DDPipeError
-from ddpipe.flows.server import TIMEOUT_ENV, prefect_api, startup_timeout
+from ddpipe.flows.temporary_server import TIMEOUT_ENV, prefect_api, startup_timeout
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ddpipe.flows.server import PARENT_ENV, server_processes
+from ddpipe.flows.temporary_server import PARENT_ENV, server_processes
 
 from conftest import ROOT, SMOKE, run_cli
 from test_bad_input import assert_one_line_error
