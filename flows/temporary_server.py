@@ -112,8 +112,8 @@ class TemporaryServer:
                "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "ddpipe.flows.temporary_server:create_app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            [sys.executable, "-m", "uvicorn", "--factory", "ddpipe.flows.temporary_server:create_app",
+             "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL)
 
     def start(self) -> str:
