@@ -168,9 +168,35 @@ def prefect_api(timeout: float | None = None):
         os.environ["PREFECT_API_URL"] = server.api_url  # for worker processes of a distributed task runner
         try:
             with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-                yield server.api_url
+                try:
+                    yield server.api_url
+                finally:
+                    _drain_prefect_workers()
         finally:
             if before is None:
                 os.environ.pop("PREFECT_API_URL", None)
             else:
                 os.environ["PREFECT_API_URL"] = before
+
+
+def _drain_prefect_workers() -> None:
+    """Send the logs and events Prefect still queues to the server before it stops (as prefect_test_harness does),
+    so that a failed run does not end with "Error logging to API" after its one-line error."""
+    import inspect
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
