@@ -107,3 +107,13 @@ def test_mixup_blends_the_batch_with_its_partners():
     assert len(set(lams)) == 20
     again = Augmenter(AugmentConfig(mixup=1.0, mixup_alpha=0.8), generator(4))
     assert again.mix(x)[2] == lams[0]
+
+
+def test_views_leave_stored_crops_uncropped_with_the_same_draws():
+    x = torch.rand(6, 1, 28, 28)
+    keep = torch.tensor([True, False, True, False, False, True])
+    cfg = AugmentConfig(crop_scale=(0.3, 0.6), flip=False)
+    plain = Augmenter(cfg, generator(3)).views(x)
+    kept = Augmenter(cfg, generator(3)).views(x, keep=keep)
+    assert torch.allclose(kept[keep], x[keep], atol=1e-5)  # a stored crop label's view is shown as it is
+    assert torch.equal(kept[~keep], plain[~keep]) and not torch.allclose(plain[keep], x[keep], atol=1e-3)

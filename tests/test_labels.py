@@ -100,12 +100,13 @@ def test_crop_labels_are_the_teacher_on_each_stored_crop_and_pruning_keeps_one_p
     assert pruned(rows, 1.0, generator(0, "keep")) == list(range(len(rows)))
     probs = soft_labels(teacher.model, torch.cat([whole, views])[keep], cfg.labels, *cfg.normalization, CPU, cfg.runtime)
     table = labels_table(paths, [4] * 6, [rows[j] for j in keep], probs, 10, cfg.labels)
-    soft, boxes, present = label_rows(table, paths)
+    soft, boxes, present, region = label_rows(table, paths)
     assert present.sum() == len(keep) and soft.shape[:2] == present.shape
     j = keep[-1]  # the last kept row, read back per image, is the teacher on that crop
     i = rows[j][0]
     slot = int(present[i].sum()) - 1
-    assert tuple(boxes[i, slot].tolist()) == rows[j][2]
+    assert tuple(boxes[i, slot].tolist()) == rows[j][2] and int(region[i, slot]) == rows[j][1]
+    assert sorted(region[present].tolist()) == sorted(rows[k][1] for k in keep)  # 0 the whole image, 1.. the crops
     expected = teacher_probs(teacher, crop_resize(images[i : i + 1].float(), boxes[i, slot : slot + 1], 28), cfg)[0]
     assert torch.allclose(soft[i, slot], expected, atol=1e-5)
     every = soft_labels(teacher.model, torch.cat([whole, views]), cfg.labels, *cfg.normalization, CPU, cfg.runtime)

@@ -165,11 +165,15 @@ class Augmenter:
     def __init__(self, cfg: AugmentConfig, gen: torch.Generator):
         self.cfg, self.gen = cfg, gen
 
-    def views(self, x: torch.Tensor) -> torch.Tensor:
-        """Random-resized crop and flip, per image; then one DSA op per batch when ``dsa`` is on."""
+    def views(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Random-resized crop and flip, per image; then one DSA op per batch when ``dsa`` is on. ``keep`` (bool
+        [N]): images that are already a crop (a stored crop label's box) and are not cropped again; the draws
+        are the same either way."""
         n, _, h, w = x.shape
         if self.cfg.crop_scale is not None:
             boxes = random_boxes(n, h, w, self.cfg.crop_scale, self.gen)
+            if keep is not None and bool(keep.any()):
+                boxes[keep] = torch.tensor([0, 0, h, w], dtype=boxes.dtype)
             x = crop_resize(x, boxes, (h, w))
         if self.cfg.flip:
             flip = (torch.rand(n, generator=self.gen) < 0.5).to(x.device)

@@ -60,6 +60,7 @@ class ImageSet:
     budget_images: int | None = None  # the set size that sets batch size and steps (full-set reference: the ipc set's)
     label_boxes: torch.Tensor | None = None  # [N, R, 4] box of each stored label (labels.crops or labels.keep < 1)
     label_present: torch.Tensor | None = None  # [N, R] which stored labels an image has (the rest pruned)
+    label_crop: torch.Tensor | None = None  # [N, R] which stored labels are crops (labels.crops), not regions
 
     def __len__(self) -> int:
         return len(self.images)
@@ -151,15 +152,17 @@ def train_student(cfg: RunConfig, regime: str, data: ImageSet, num_classes: int,
                 break
             idx = order[s : s + bs]
             x = data.images[idx].float()
+            stored_crop = None
             if regime == "soft" and data.label_present is not None:  # a stored label's crop, with that label
                 r = sample_labels(data, idx, gen)
                 x = crop_resize(x, data.label_boxes[idx, r], size)
+                stored_crop = data.label_crop[idx, r]  # FKD: the stored crop is the sample's crop, not cropped again
             else:
                 r = sample_regions(data, len(idx), ev.region_views, gen)
                 if bool((r > 0).any()):  # show each sample's region at full size
                     x = crop_resize(x, region_boxes[r], size)
             target = data.soft[idx, r] if regime == "soft" else None
-            x = batch_to(aug.views(normalize(x / 255.0, mean, std)), device, cfg.runtime)
+            x = batch_to(aug.views(normalize(x / 255.0, mean, std), keep=stored_crop), device, cfg.runtime)
             x, perm, lam = aug.mix(x)
             perm = perm.to(device)
             with autocast(device, cfg.runtime):
@@ -234,13 +237,13 @@ def summarize(values: list[float]) -> dict:
 def load_image_set(ctx: Context, set_name: str, num_classes: int, with_labels: bool) -> ImageSet:
     """A stored set (:mod:`ddpipe.imageset`) in memory, with its soft labels when ``with_labels``."""
     cfg = ctx.cfg
-    images, classes, soft, boxes, present = [], [], [], [], []
+    images, classes, soft, boxes, present, region = [], [], [], [], [], []
     for c in range(num_classes):
         paths, imgs = read_class(ctx.store, set_name, c, cfg.channels)
         images.append(imgs)
         classes += [c] * len(imgs)
         if with_labels:
-            for out, part in zip((soft, boxes, present),
+            for out, part in zip((soft, boxes, present, region),
                                  label_rows(ctx.store.read_table(f"{set_name}/labels/class={c:05d}.parquet"), paths)):
                 out.append(part)
     varied = with_labels and (cfg.labels.crops > 0 or cfg.labels.keep < 1)  # labels per image, not per region
@@ -249,6 +252,7 @@ def load_image_set(ctx: Context, set_name: str, num_classes: int, with_labels: b
         soft=_padded(soft) if with_labels else None,
         regions=regions(cfg.image_size, set_factor(cfg.factor, set_name)),
         label_boxes=_padded(boxes) if varied else None, label_present=_padded(present) if varied else None,
+        label_crop=_padded(region) >= len(regions(cfg.image_size, set_factor(cfg.factor, set_name))) if varied else None,
     )
 
 

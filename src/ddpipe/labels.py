@@ -144,9 +144,10 @@ def expand(table: pa.Table) -> torch.Tensor:
     return torch.from_numpy(dense)
 
 
-def label_rows(table: pa.Table, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def label_rows(table: pa.Table, paths: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A labels table read back per image (``paths``, in the set's order): dense probabilities [N, R, K], the
-    boxes [N, R, 4] (top, left, h, w) and a mask [N, R] of the rows present, R the most rows any image has."""
+    boxes [N, R, 4] (top, left, h, w), a mask [N, R] of the rows present and each row's region number [N, R]
+    (numbers past the image's regions are crop labels), R the most rows any image has."""
     probs = expand(table)
     images = table["image"].to_pylist()
     position = {p: i for i, p in enumerate(paths)}
@@ -157,10 +158,13 @@ def label_rows(table: pa.Table, paths: list[str]) -> tuple[torch.Tensor, torch.T
     soft = torch.zeros(len(paths), width, probs.shape[1])
     boxes = torch.zeros(len(paths), width, 4, dtype=torch.int64)
     present = torch.zeros(len(paths), width, dtype=torch.bool)
+    region = torch.zeros(len(paths), width, dtype=torch.int64)
     box = torch.tensor([table[c].to_pylist() for c in ("top", "left", "height", "width")], dtype=torch.int64).T
+    numbers = torch.tensor(table["region"].to_pylist(), dtype=torch.int64)
     for i, ks in enumerate(rows):
         soft[i, : len(ks)], boxes[i, : len(ks)], present[i, : len(ks)] = probs[ks], box[ks], True
-    return soft, boxes, present
+        region[i, : len(ks)] = numbers[ks]
+    return soft, boxes, present, region
 
 
 def _fixed_list(column: pa.ChunkedArray, width: int) -> np.ndarray:
