@@ -93,7 +93,7 @@ def test_newcomer_config_on_a_small_folder_is_level_with_random(tmp_path):
     def run(*overrides):
         args = [x for o in (*quick, *overrides) for x in ("--set", o)]
         proc = run_cli("run", str(config), "--store", str(tmp_path / "runs"), "--engine", "plain", "--no-progress",
-                       *args)
+                       *args, timeout=1800)  # about 6 min alone; 10 min was too short on 2 busy cores
         assert proc.returncode == 0, proc.stderr[-3000:]
         uri = next(line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("report: "))
         report = json.loads(open(uri).read())
