@@ -870,7 +870,7 @@ def _refine_defaults(data: dict) -> dict:
     """method.recovery.iterations and lr where absent, for a method that starts from real images (its registry
     entry's variant says so): 40 steps at 0.05, not the 1000 at 0.25 that recovery from noise needs (which
     would wash the start out and take 25x as long). 40 was chosen on Fashion-MNIST's validation split against 80
-    and 200 steps: as accurate, and the only one within 20x RDED's time (benchmarks/refine_schedule.py)."""
+    and 200 steps: as accurate, and the cheapest (benchmarks/refine_schedule.py)."""
     method = data.get("method") or {}
     if not isinstance(method, dict) or not isinstance(method.get("name", "rded"), str):
         return data

@@ -247,12 +247,13 @@ def load_image_set(ctx: Context, set_name: str, num_classes: int, with_labels: b
                                  label_rows(ctx.store.read_table(f"{set_name}/labels/class={c:05d}.parquet"), paths)):
                 out.append(part)
     varied = with_labels and (cfg.labels.crops > 0 or cfg.labels.keep < 1)  # labels per image, not per region
+    boxes_of_regions = regions(cfg.image_size, set_factor(cfg.factor, set_name))
     return ImageSet(
         images=torch.cat(images), classes=torch.tensor(classes, dtype=torch.int64),
         soft=_padded(soft) if with_labels else None,
-        regions=regions(cfg.image_size, set_factor(cfg.factor, set_name)),
+        regions=boxes_of_regions,
         label_boxes=_padded(boxes) if varied else None, label_present=_padded(present) if varied else None,
-        label_crop=_padded(region) >= len(regions(cfg.image_size, set_factor(cfg.factor, set_name))) if varied else None,
+        label_crop=_padded(region) >= len(boxes_of_regions) if varied else None,  # numbered after the regions
     )
 
 
