@@ -118,3 +118,51 @@ def test_the_report_gives_verdicts_and_names_cells_not_run_or_pending():
     assert "| herding | 81.00 ± 1.00 (+10.00 [" in md and "| pending |" in md
     assert "- gvbsm IPC 50: not run: four backbones: 9 h on 2 cores" in md and "- el2n IPC 50: not run: no time" in md
     assert "- herding IPC 50: pending" in md
+
+
+def test_the_report_of_finished_cells_runs_nothing_and_finds_folders_an_older_checkout_named(tmp_path):
+    """``ddpipe evaluate --report-only``: a cell whose run folder carries another hash (an older checkout's
+    schema) counts when its config.yaml is the cell's config; its verdict is recomputed with the random subsets
+    as units; a cell without a report is pending, and nothing trains."""
+    import yaml
+
+    from ddpipe.matrix import finished_report
+    from ddpipe.store import Store
+
+    spec, root, overrides = matrix(tmp_path)
+    cells = {(m, i): c for m, i, c in cell_configs(spec, root, overrides)}
+    cfg = cells["rded", 1]
+    old = Store(cfg.store.uri).child(f"{cfg.name}-0123456789")
+    data = yaml.safe_load(cfg.to_yaml())
+    old.write_bytes("config.yaml", yaml.safe_dump(data).encode())
+    stale = {"verdict": "above", "ci95": [0.01, 0.09], "difference": 0.05, "method": "welch-t"}  # 9 students as units
+    regime = {"distilled": {"mean": 0.81, "std": 0.01, "values": [0.80, 0.82, 0.81]},
+              "random": {"mean": 0.76, "std": 0.04, "values": [0.70, 0.71, 0.72, 0.75, 0.76, 0.77, 0.80, 0.81, 0.82],
+                         "draws": 3},
+              "improvement_over_random": 0.05, "steps": 10, "comparison": stale}
+    old.write_bytes("report.json", json.dumps({
+        "run": old.uri, "run_uri": old.uri, "regimes": {"hard": regime},
+        "scores": {"hard_label_recovery": None, "label_robust_score": {"hard": None}}}).encode())
+    data["evaluation"]["steps"] = 7  # other settings under the same name: not this cell
+    other = Store(cfg.store.uri).child(f"{cells['rded', 2].name}-9876543210")
+    other.write_bytes("config.yaml", yaml.safe_dump({**data, "method": {**data["method"], "ipc": 2}}).encode())
+    other.write_bytes("report.json", old.read_bytes("report.json"))
+
+    with mock.patch.object(ddpipe.evaluate, "evaluate") as trained:
+        report = finished_report(spec, root, overrides)
+    assert trained.call_count == 0
+    (row,) = report["rows"]
+    assert (row["method"], row["ipc"]) == ("rded", 1)
+    assert row["comparison"]["verdict"] == "level" and row["comparison"]["random_units"] == "subsets"
+    assert {(p["method"], p["ipc"]) for p in report["pending"]} == {("rded", 2), ("herding", 1), ("herding", 2)}
+
+
+def test_report_only_on_the_command_line_lists_every_cell_pending_in_an_empty_store(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("evaluate", str(CONFIGS / "matrix" / "smoke.yaml"), "--store", str(tmp_path), "--report-only",
+                   "--engine", "plain")
+    spec, _ = load_matrix(CONFIGS / "matrix" / "smoke.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert f"(0 finished cells, {len(spec.methods) * len(spec.ipc)} pending)" in proc.stdout
+    assert not any(p.name != "matrices" for p in tmp_path.iterdir())  # no run folder was started

@@ -43,8 +43,21 @@ def test_welch_interval_on_a_hand_example():
     assert compare([0.60, 0.61, 0.62], [0.70, 0.71, 0.72])["verdict"] == "below"  # -10 +- 2.27 points
     assert compare([0.60, 0.61], [0.70, 0.72])["verdict"] == "level"  # 2 seeds a side: df 1.5, t 12.7
     assert compare([0.8], [0.7, 0.71]) == {"difference": pytest.approx(0.095), "ci95": None, "verdict": "n/a",
-                                           "method": "welch-t"}
+                                           "method": "welch-t", "random_units": "students"}
     assert t975(4) == 2.776 and t975(4.9) == 2.776 and abs(t975(1000) - 1.9623) < 1e-3
+
+
+def test_with_several_random_subsets_a_subset_is_the_unit_of_the_random_side():
+    # three subsets whose students agree within a subset (70-72, 75-77, 80-82 %): counted as 9 students the
+    # interval would ignore that the subsets differ, and call distilled 80/82/81 % above random:
+    r = [0.70, 0.71, 0.72, 0.75, 0.76, 0.77, 0.80, 0.81, 0.82]
+    assert compare([0.80, 0.82, 0.81], r)["verdict"] == "above"
+    # the subsets' means 71/76/81 %: sd 5 points, v2 = 0.0025 / 3, v1 = 0.0001 / 3, se = 0.029439,
+    # df = (v1 + v2)^2 / (v1^2/2 + v2^2/2) = 2.16 -> the table at 2 (4.303): 5.00 +- 12.668 points, level.
+    c = compare([0.80, 0.82, 0.81], r, draw_means=[0.71, 0.76, 0.81])
+    assert c["ci95"] == pytest.approx([0.05 - 4.303 * 0.029439, 0.05 + 4.303 * 0.029439], abs=1e-5)
+    assert c["verdict"] == "level" and c["random_units"] == "subsets"
+    assert compare([0.80, 0.82, 0.81], [0.75, 0.76], draw_means=[0.755])["random_units"] == "students"  # one subset
 
 
 def test_every_regime_of_a_report_carries_its_verdict():
@@ -76,7 +89,9 @@ def test_the_random_side_pools_every_draw_and_seed():
     hard = regime_results(results, ["hard"], 0)["hard"]
     assert hard["random"]["draws"] == 3 and hard["random"]["values"] == [0.75, 0.77, 0.76, 0.70, 0.71, 0.72, 0.74]
     assert hard["random"]["mean"] == pytest.approx(0.7357142857) and len(hard["distilled"]["values"]) == 3
-    assert hard["comparison"] == compare([0.80, 0.82, 0.81], hard["random"]["values"])
+    assert hard["random"]["draw_means"] == pytest.approx([0.76, 0.71, 0.74])  # in draw order; one file per seed
+    assert hard["comparison"] == compare([0.80, 0.82, 0.81], hard["random"]["values"], hard["random"]["draw_means"])
+    assert hard["comparison"]["random_units"] == "subsets"
 
 
 def test_students_trained_differently_are_not_compared():

@@ -110,3 +110,21 @@ def test_random_baseline_students_are_trained_once_per_store(tmp_path):
         second = run_pipeline(smoke_config(store, "method.name=herding", *FAST))
     assert trained.call_count == 1
     assert second["regimes"]["hard"]["random"] == first["regimes"]["hard"]["random"]
+
+
+@pytest.mark.fmnist
+@pytest.mark.slow
+def test_more_seeds_and_draws_train_only_the_new_reference_students(tmp_path):
+    """A run with a second seed and a second random subset after a run with neither: only the new students train
+    (the distilled set's two, in its new run folder; the first subset's seed 1; the second subset's two), and the
+    first subset's seed-0 student is the earlier one."""
+    import ddpipe.evaluate
+
+    store = tmp_path / "runs"
+    first = run_pipeline(smoke_config(store, *FAST))
+    with mock.patch.object(ddpipe.evaluate, "evaluate", wraps=ddpipe.evaluate.evaluate) as trained:
+        second = run_pipeline(smoke_config(store, "evaluation.epochs=5", "evaluation.regimes=[hard]",
+                                           "evaluation.seeds=[0, 1]", "evaluation.baseline_draws=2"))
+    assert trained.call_count == 2 + 1 + 2
+    before, after = first["regimes"]["hard"]["random"], second["regimes"]["hard"]["random"]
+    assert after["draws"] == 2 and len(after["values"]) == 4 and after["values"][0] == before["values"][0]

@@ -2,6 +2,7 @@
 
     ddpipe run CONFIG [--store URI] [--set key=value ...] [--engine prefect|plain]
     ddpipe evaluate MATRIX [--store URI] [--set key=value ...] [--engine prefect|plain] [--methods ...] [--ipc ...]
+                    [--report-only]
     ddpipe status RUN
     ddpipe validate CONFIG [--set key=value ...]
     ddpipe server [--host H] [--port P] [--api URL] [--with-k8s] [--no-worker]
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(ev, "evaluate")
     ev.add_argument("--methods", nargs="+", metavar="LABEL", help="run only these methods of the matrix")
     ev.add_argument("--ipc", nargs="+", type=int, metavar="N", help="run only these IPCs of the matrix")
+    ev.add_argument("--report-only", action="store_true",
+                    help="run nothing: rewrite the report from the cells finished so far, verdicts recomputed")
     status = sub.add_parser("status", help="show each stage's done/total shards of a run folder")
     status.add_argument("run", help="run folder URI (printed by 'ddpipe run')")
     val = sub.add_parser("validate", help="validate a config and print its run folder name")
@@ -107,6 +110,14 @@ def cmd_evaluate(args) -> int:
     overrides = list(args.overrides) + ([f"store.uri={args.store}"] if args.store else [])
     matrix, root = load_matrix(args.matrix)
     matrix = select(matrix, args.methods, args.ipc)
+    if args.report_only:
+        from ddpipe.matrix import finished_report
+
+        report = finished_report(matrix, root, overrides)
+        print(Store(report["uri"]).read_bytes("report.md").decode())
+        print(f"report: {report['uri']}/report.md ({len(report['cells'])} finished cells, "
+              f"{len(report['pending'])} pending)")
+        return 0
     cells = cell_configs(matrix, root, overrides)  # every cell validates before anything runs
     for cfg in {c.run_name: c for _, _, c in cells}.values():
         preflight(cfg)

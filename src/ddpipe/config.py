@@ -540,8 +540,9 @@ class EvaluationConfig(_Section):
     )
     baseline_draws: int = Field(
         3, ge=1, description="Independent random subsets per IPC, each evaluated with the same students and seeds "
-        "as the distilled set; the random side of every comparison pools draws x seeds, so the verdict's interval "
-        "covers the subset-to-subset spread. Draw 0 holds the images of the 'random' selection method.",
+        "as the distilled set; with 2 or more, the unit of the random side of every comparison is a subset (its mean "
+        "over the seeds), so the verdict's interval carries the subset-to-subset spread (with 1 it does not). Draw 0 "
+        "holds the images of the 'random' selection method.",
     )
     epochs: int = Field(300, ge=1, description="Passes over the distilled set (same step count for the random subset).")
     steps: int | None = Field(

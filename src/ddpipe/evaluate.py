@@ -276,19 +276,29 @@ def full_set(ctx: Context, num_classes: int) -> ImageSet:
                     regions=regions(ctx.cfg.image_size, 1), budget_images=ctx.cfg.method.ipc * num_classes)
 
 
+# Evaluation fields that say which students a run trains, not how one is trained: a reference student's key
+# leaves them out (its own regime, seed and draw are in the key), so a run with more seeds, regimes or random
+# draws reuses the reference students it shares with an earlier one.
+WHICH_STUDENTS = ("seeds", "regimes", "full", "baseline", "baseline_draws")
+
+
 def baseline_key(ctx: Context, shard: Shard, inputs) -> str:
     """What a reference student (random subset, full set) depends on: the subset's images and labels and the
-    teachers (online KD), the data, the student recipe and budget, the regime and seed, and the code."""
+    teachers (online KD), the data, the student recipe and budget, the regime and seed, and the code; not how many
+    other students the run trains (``WHICH_STUDENTS``)."""
     cfg = ctx.cfg
     files = []
     if shard.set != "full":  # a random subset: its own images and labels
         files += [f for f in stage_files(ctx.store, inputs["random_subset"]) if f.path.startswith(f"{shard.set}/")]
         files += [f for f in stage_files(ctx.store, inputs["labels"]) if f.path.startswith(f"{shard.set}/")]
         files += [f for f in stage_files(ctx.store, inputs["teacher"]) if f.path.endswith(".pt")]
+    sections = json.loads(cfg.section_json("evaluation", "labels"))
+    for field in WHICH_STUDENTS:
+        sections["evaluation"].pop(field)
     payload = {
         "set": shard.set, "files": sorted((f.path, f.sha256) for f in files), "test": ctx.source.test.fingerprint,
         "train": ctx.source.train.fingerprint,
-        "sections": json.loads(cfg.section_json("evaluation", "labels")), "ipc": cfg.method.ipc, "seed": cfg.seed,
+        "sections": sections, "ipc": cfg.method.ipc, "seed": cfg.seed,
         "regime": shard.regime, "student": shard.seed, "model": shard.student or 0,
     }
     return shared_key(payload, code=run_evaluation)

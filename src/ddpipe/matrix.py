@@ -16,6 +16,7 @@ The report, written to ``<store>/matrices/<name>-<hash>/``:
   IPC), a Markdown table per regime (rows: methods; columns: IPCs; mean +- std in percent, the difference to
   random with its 95 % interval and verdict), the HLR and LRS tables, and the cells not run (``not_run``, with
   the reason) or still pending;
+  :func:`finished_report` rewrites it from the finished cells' own reports without running anything;
 - ``accuracy.png``: accuracy against IPC, one panel per regime, one line per method, random dashed.
 """
 
@@ -133,6 +134,47 @@ def run_matrix(matrix: MatrixConfig, root: Path, run: Callable[[RunConfig], dict
     return report if todo else write_matrix_report(matrix, store, [])
 
 
+def finished_report(matrix: MatrixConfig, root: Path, overrides: tuple[str, ...] | list[str] = ()) -> dict:
+    """The comparison report of the cells finished so far, running nothing (``ddpipe evaluate --report-only``):
+    each cell's ``report.json`` from its run folder, its verdicts recomputed by this code
+    (:func:`ddpipe.report.reverdict`); cells without one are listed as pending. A matrix run by an older checkout
+    (continued from a frozen commit for its cache keys) gets the current verdicts this way."""
+    from ddpipe.report import reverdict
+
+    cells = cell_configs(matrix, root, overrides)
+    reports, pending = [], []
+    for label, ipc, cfg in cells:
+        if skipped(matrix, label, ipc) is not None:
+            continue
+        run = finished_run(cfg)
+        if run is not None:
+            reports.append((label, ipc, reverdict(run.read_json("report.json"))))
+        else:
+            pending.append((label, ipc))
+    return write_matrix_report(matrix, matrix_store(matrix, cells), reports, pending)
+
+
+def finished_run(cfg: RunConfig) -> Store | None:
+    """The run folder with ``cfg``'s finished report: its own (``cfg.run_name``), or one an older checkout wrote
+    for the same settings. A config schema that has since gained fields (with defaults) hashes the same settings
+    to another name, so a folder named ``<cfg.name>-*`` counts when its ``config.yaml``, read by this code, is
+    ``cfg``."""
+    root = Store(cfg.store.uri, cfg.store.storage_options)
+    own = root.child(cfg.run_name)
+    if own.exists("report.json"):
+        return own
+    for name in root.list(""):
+        run = root.child(name)
+        if name.startswith(f"{cfg.name}-") and run.exists("report.json") and run.exists("config.yaml"):
+            try:
+                same = build_config(yaml.safe_load(run.read_bytes("config.yaml"))).run_name == cfg.run_name
+            except ConfigError:  # written by a checkout with fields this one no longer has
+                same = False
+            if same:
+                return run
+    return None
+
+
 def matrix_rows(reports: list[tuple[str, int, dict]]) -> list[dict]:
     rows = []
     for label, ipc, report in reports:
@@ -196,8 +238,10 @@ def markdown_report(name: str, rows: list[dict], not_run: list[tuple[str, int, s
     out = [f"# Evaluation matrix: {name}", "", *[f"{n}" for n in notes], *([""] if notes else []),
            "Top-1 test accuracy (%) at the final step, mean ± std over student seeds; then the difference to the "
            "random subsets of the same IPC (same regime and students; mean over draws x seeds) in points, its 95 % "
-           "Welch t interval and the verdict: above, level (the interval covers 0) or below. Random subset and "
-           "full training set rows are the references.", "", "## Verdicts at 95 %", "", *verdict_lines(rows), ""]
+           "Welch t interval and the verdict: above, level (the interval covers 0) or below. The interval takes "
+           "the distilled set's seeds against the random subsets' means (one unit per subset, averaged over the "
+           "same seeds), so it carries the spread between subsets. Random subset and full training set rows are "
+           "the references.", "", "## Verdicts at 95 %", "", *verdict_lines(rows), ""]
     for regime in regimes:
         out += [f"## {regime}", "", head]
         for m in methods:

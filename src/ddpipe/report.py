@@ -16,9 +16,12 @@ Schema (all accuracies are fractions in [0, 1]):
     "<hard|soft|soft_kd>": {
       "distilled": {"mean": 0.8, "std": 0.01, "values": [...]},   # test accuracy, one value per seed
       "random":    {"mean": 0.7, "std": 0.01, "values": [...],    # every draw x seed (draw-major); mean null when
-                    "draws": 3},                                   # evaluation.baseline is off
+                    "draws": 3, "draw_means": [...]},              # evaluation.baseline is off; each subset's mean
       "full":      {"mean": 0.9, ...},   # hard only, with evaluation.full: the whole training split, same budget
       "improvement_over_random": 0.1,                                # DD-Ranking's IOR (null without baseline)
+      "comparison": {"difference": 0.1, "ci95": [0.05, 0.15],       # ddpipe.scores.compare: Welch's 95 % t
+                     "verdict": "above", "method": "welch-t",         # interval; the random side's units are
+                     "random_units": "subsets"},                      # its subsets (2+ draws) or its students
       "steps": 600                                                   # student steps of each run
     }
   },
@@ -116,7 +119,11 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
             recipes[side] = rows
             if rows:
                 entry["steps"] = rows[0]["steps"]
-        entry["random"]["draws"] = len({r["set"] for r in recipes["random"]})
+        subsets: dict[str, list[float]] = {}
+        for row in recipes["random"]:
+            subsets.setdefault(row["set"], []).append(test_accuracy(row))
+        entry["random"]["draws"] = len(subsets)
+        entry["random"]["draw_means"] = [sum(v) / len(v) for v in subsets.values()]  # in draw order
         full = [test_accuracy(r) for r in sorted(results, key=lambda r: r["seed"])
                 if r["regime"] == regime and r["set"] == "full" and student == 0]
         if full:
@@ -125,13 +132,36 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
         difference = recipe_difference(recipes["distilled"], recipes["random"])
         if difference is None:
             entry["improvement_over_random"] = None if d is None or r is None else d - r
-            entry["comparison"] = compare(entry["distilled"]["values"], entry["random"]["values"])
+            entry["comparison"] = comparison(entry)
         else:  # students trained differently: no difference is reported
             entry["improvement_over_random"] = None
             entry["comparison"] = {"difference": None, "ci95": None, "verdict": "refused", "method": "welch-t",
                                    "reason": f"not compared: {difference}"}
         out[regime] = entry
     return out
+
+
+def comparison(entry: dict) -> dict:
+    """One regime's verdict (:func:`ddpipe.scores.compare`) from its entry in report.json: the distilled seeds
+    against the random subsets' means (``draw_means``; a report written before them has its draw-major
+    ``values`` split evenly over its ``draws``)."""
+    rnd = entry["random"]
+    means = rnd.get("draw_means")
+    if means is None and rnd.get("draws", 0) > 1 and len(rnd["values"]) % rnd["draws"] == 0:
+        k = len(rnd["values"]) // rnd["draws"]
+        means = [sum(rnd["values"][i:i + k]) / k for i in range(0, len(rnd["values"]), k)]
+    return compare(entry["distilled"]["values"], rnd["values"], means)
+
+
+def reverdict(report: dict) -> dict:
+    """``report`` (a run's report.json) with every regime's verdict recomputed by this code, for every student
+    architecture; a comparison refused because the students differ stays refused (the recipes are not in it)."""
+    def redo(regimes: dict) -> dict:
+        return {name: e if (e.get("comparison") or {}).get("verdict") == "refused" else {**e, "comparison": comparison(e)}
+                for name, e in regimes.items()}
+
+    return {**report, "regimes": redo(report["regimes"]),
+            "cross_architecture": [{**c, "regimes": redo(c["regimes"])} for c in report.get("cross_architecture", [])]}
 
 
 def test_accuracy(result: dict) -> float:
@@ -268,8 +298,11 @@ def results_table(report: dict) -> str:
                      f"{delta(e['improvement_over_random'])}  {verdict}".rstrip())
     draws = {e["random"].get("draws") for _, _, e in regime_entries(report)} - {None, 0}
     if draws:
-        lines.append(f"random: {max(draws)} random subset(s) x the same student seeds; the interval is Welch's t "
-                     f"interval of the difference of means")
+        n = max(draws)
+        units = ("each subset's mean over the seeds is one unit of the random side" if n > 1 else
+                 "one subset: the interval does not carry the spread between subsets")
+        lines.append(f"random: {n} random subset(s) x the same student seeds; the interval is Welch's t "
+                     f"interval of the difference of means ({units})")
     hard = report["regimes"].get("hard", {})
     if "full" in hard:
         hlr = report["scores"]["hard_label_recovery"]

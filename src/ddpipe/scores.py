@@ -8,9 +8,12 @@
 The reference package (ddranking 0.2.0) passes percents into the same formula, where alpha leaves [-1, 1]
 and the score saturates; here every input must be a fraction and anything else is refused.
 
-:func:`compare` gives the verdict of a distilled set against its random subset: the difference of the mean
+:func:`compare` gives the verdict of a distilled set against its random subsets: the difference of the mean
 accuracies with Welch's 95 % t interval (unequal variances, Welch-Satterthwaite degrees of freedom), and
-"above", "level" or "below" as the interval lies above 0, covers it, or lies below it.
+"above", "level" or "below" as the interval lies above 0, covers it, or lies below it. With two or more random
+subsets, the unit of the random side is a subset (its mean over the student seeds), not a student: the students of
+one subset share its images, so their accuracies are not independent samples of a random subset's accuracy, and
+counting them as such would narrow the interval by the very spread between subsets that several draws measure.
 """
 
 from __future__ import annotations
@@ -55,18 +58,27 @@ def t975(df: float) -> float:
     return _Z975 + (_Z975 ** 3 + _Z975) / (4 * df)
 
 
-def compare(distilled: list[float], random: list[float]) -> dict:
-    """Difference of mean accuracies (distilled - random) with Welch's 95 % interval and a verdict. Each side
-    needs at least 2 accuracies (seeds, or draws x seeds); with fewer the verdict is "n/a"."""
-    n1, n2 = len(distilled), len(random)
+def compare(distilled: list[float], random: list[float], draw_means: list[float] | None = None) -> dict:
+    """Difference of mean accuracies (distilled - random) with Welch's 95 % interval and a verdict.
+
+    ``distilled``: the distilled set's accuracies, one per student seed. ``random``: the random side's accuracies
+    (every draw x seed). ``draw_means``: each random subset's mean over the seeds; with two or more, they are the
+    random side's units (``random_units: "subsets"``), else its students are (``"students"``: one subset, whose
+    spread against other subsets the interval then does not carry). Each side needs at least 2 units; with fewer
+    the verdict is "n/a"."""
+    by_subset = draw_means is not None and len(draw_means) >= 2
+    units = list(draw_means) if by_subset else list(random)
+    out = {"difference": None, "ci95": None, "verdict": "n/a", "method": "welch-t",
+           "random_units": "subsets" if by_subset else "students"}
+    n1, n2 = len(distilled), len(units)
     if n1 == 0 or n2 == 0:
-        return {"difference": None, "ci95": None, "verdict": "n/a", "method": "welch-t"}
-    m1, m2 = sum(distilled) / n1, sum(random) / n2
+        return out
+    m1, m2 = sum(distilled) / n1, sum(units) / n2
     diff = m1 - m2
     if n1 < 2 or n2 < 2:
-        return {"difference": diff, "ci95": None, "verdict": "n/a", "method": "welch-t"}
+        return {**out, "difference": diff}
     v1 = sum((x - m1) ** 2 for x in distilled) / (n1 - 1) / n1
-    v2 = sum((x - m2) ** 2 for x in random) / (n2 - 1) / n2
+    v2 = sum((x - m2) ** 2 for x in units) / (n2 - 1) / n2
     se = math.sqrt(v1 + v2)
     if se == 0:
         lo = hi = diff
@@ -75,4 +87,4 @@ def compare(distilled: list[float], random: list[float]) -> dict:
         half = t975(df) * se
         lo, hi = diff - half, diff + half
     verdict = "above" if lo > 0 else "below" if hi < 0 else "level"
-    return {"difference": diff, "ci95": [lo, hi], "verdict": verdict, "method": "welch-t"}
+    return {**out, "difference": diff, "ci95": [lo, hi], "verdict": verdict}
