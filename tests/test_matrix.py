@@ -154,6 +154,9 @@ def test_the_report_of_finished_cells_runs_nothing_and_finds_folders_an_older_ch
     (row,) = report["rows"]
     assert (row["method"], row["ipc"]) == ("rded", 1)
     assert row["comparison"]["verdict"] == "level" and row["comparison"]["random_units"] == "subsets"
+    assert row["random"]["draw_means"] == pytest.approx([0.71, 0.76, 0.81])
+    md = Store(report["uri"]).read_bytes("report.md").decode()
+    assert "| *random subsets* | 76.00 ± 4.00 (means of 3 subsets: 71.00 to 81.00) |" in md
     assert {(p["method"], p["ipc"]) for p in report["pending"]} == {("rded", 2), ("herding", 1), ("herding", 2)}
 
 

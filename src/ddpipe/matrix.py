@@ -195,6 +195,13 @@ def _pct(s: dict | None) -> str:
     return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}" if len(s["values"]) > 1 else f"{100 * s['mean']:.2f}"
 
 
+def _subsets(random: dict) -> str:
+    """The random side: mean ± std over draws x seeds, and the range of the subsets' means."""
+    means = random.get("draw_means") or []
+    spread = f" (means of {len(means)} subsets: {100 * min(means):.2f} to {100 * max(means):.2f})" if len(means) > 1 else ""
+    return _pct(random) + spread
+
+
 def _signed(v: float | None, scale: float = 100.0, digits: int = 2) -> str:
     return "n/a" if v is None else f"{scale * v:+.{digits}f}"
 
@@ -251,7 +258,7 @@ def markdown_report(name: str, rows: list[dict], not_run: list[tuple[str, int, s
                 else "not run (see below)" if (m, i) in why else "pending" if (m, i) in waiting else ""
                 for c, i in zip(cells, ipcs)) + " |")
         first = {i: next((r for r in rows if r["ipc"] == i and r["regime"] == regime), None) for i in ipcs}
-        out.append("| *random subset* | " + " | ".join(_pct(first[i]["random"]) if first[i] else "" for i in ipcs) + " |")
+        out.append("| *random subsets* | " + " | ".join(_subsets(first[i]["random"]) if first[i] else "" for i in ipcs) + " |")
         if any(first[i] and first[i]["full"] for i in ipcs):
             out.append("| *full training set* | " + " | ".join(
                 _pct(first[i]["full"]) if first[i] else "" for i in ipcs) + " |")

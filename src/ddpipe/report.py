@@ -145,20 +145,30 @@ def comparison(entry: dict) -> dict:
     """One regime's verdict (:func:`ddpipe.scores.compare`) from its entry in report.json: the distilled seeds
     against the random subsets' means (``draw_means``; a report written before them has its draw-major
     ``values`` split evenly over its ``draws``)."""
-    rnd = entry["random"]
-    means = rnd.get("draw_means")
-    if means is None and rnd.get("draws", 0) > 1 and len(rnd["values"]) % rnd["draws"] == 0:
-        k = len(rnd["values"]) // rnd["draws"]
-        means = [sum(rnd["values"][i:i + k]) / k for i in range(0, len(rnd["values"]), k)]
-    return compare(entry["distilled"]["values"], rnd["values"], means)
+    return compare(entry["distilled"]["values"], entry["random"]["values"], draw_means(entry["random"]))
+
+
+def draw_means(random: dict) -> list[float] | None:
+    """Each random subset's mean over the seeds: ``draw_means``, or for a report written before them its
+    draw-major ``values`` split evenly over its ``draws`` (None when they do not split evenly)."""
+    if random.get("draw_means") is not None:
+        return random["draw_means"]
+    n, values = random.get("draws", 0), random["values"]
+    if n < 1 or len(values) % n:
+        return None
+    k = len(values) // n
+    return [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
 
 
 def reverdict(report: dict) -> dict:
     """``report`` (a run's report.json) with every regime's verdict recomputed by this code, for every student
     architecture; a comparison refused because the students differ stays refused (the recipes are not in it)."""
     def redo(regimes: dict) -> dict:
-        return {name: e if (e.get("comparison") or {}).get("verdict") == "refused" else {**e, "comparison": comparison(e)}
-                for name, e in regimes.items()}
+        out = {}
+        for name, e in regimes.items():
+            e = {**e, "random": {**e["random"], "draw_means": draw_means(e["random"])}}
+            out[name] = e if (e.get("comparison") or {}).get("verdict") == "refused" else {**e, "comparison": comparison(e)}
+        return out
 
     return {**report, "regimes": redo(report["regimes"]),
             "cross_architecture": [{**c, "regimes": redo(c["regimes"])} for c in report.get("cross_architecture", [])]}
