@@ -105,7 +105,6 @@ def cmd_evaluate(args) -> int:
     from ddpipe.matrix import cell_configs, load_matrix, run_matrix, select
     from ddpipe.runner import run_pipeline
     from ddpipe.stages import preflight
-    from ddpipe.store import Store
 
     overrides = list(args.overrides) + ([f"store.uri={args.store}"] if args.store else [])
     matrix, root = load_matrix(args.matrix)
@@ -114,10 +113,7 @@ def cmd_evaluate(args) -> int:
         from ddpipe.matrix import finished_report
 
         report = finished_report(matrix, root, overrides)
-        print(Store(report["uri"]).read_bytes("report.md").decode())
-        print(f"report: {report['uri']}/report.md ({len(report['cells'])} finished cells, "
-              f"{len(report['pending'])} pending)")
-        return 0
+        return _print_matrix_report(report, f" ({len(report['cells'])} finished cells, {len(report['pending'])} pending)")
     cells = cell_configs(matrix, root, overrides)  # every cell validates before anything runs
     for cfg in {c.run_name: c for _, _, c in cells}.values():
         preflight(cfg)
@@ -135,8 +131,14 @@ def cmd_evaluate(args) -> int:
     finally:
         if sink:
             progress.remove_sink(sink)
+    return _print_matrix_report(report)
+
+
+def _print_matrix_report(report: dict, suffix: str = "") -> int:
+    from ddpipe.store import Store
+
     print(Store(report["uri"]).read_bytes("report.md").decode())
-    print(f"report: {report['uri']}/report.md")
+    print(f"report: {report['uri']}/report.md{suffix}")
     return 0
 
 

@@ -142,11 +142,14 @@ def finished_report(matrix: MatrixConfig, root: Path, overrides: tuple[str, ...]
     from ddpipe.report import reverdict
 
     cells = cell_configs(matrix, root, overrides)
+    listed: dict[str, list[str]] = {}  # one listing per store, not one per cell
     reports, pending = [], []
     for label, ipc, cfg in cells:
         if skipped(matrix, label, ipc) is not None:
             continue
-        run = finished_run(cfg)
+        if cfg.store.uri not in listed:
+            listed[cfg.store.uri] = Store(cfg.store.uri, cfg.store.storage_options).list("")
+        run = finished_run(cfg, listed[cfg.store.uri])
         if run is not None:
             reports.append((label, ipc, reverdict(run.read_json("report.json"))))
         else:
@@ -154,16 +157,16 @@ def finished_report(matrix: MatrixConfig, root: Path, overrides: tuple[str, ...]
     return write_matrix_report(matrix, matrix_store(matrix, cells), reports, pending)
 
 
-def finished_run(cfg: RunConfig) -> Store | None:
+def finished_run(cfg: RunConfig, names: list[str]) -> Store | None:
     """The run folder with ``cfg``'s finished report: its own (``cfg.run_name``), or one an older checkout wrote
     for the same settings. A config schema that has since gained fields (with defaults) hashes the same settings
-    to another name, so a folder named ``<cfg.name>-*`` counts when its ``config.yaml``, read by this code, is
-    ``cfg``."""
+    to another name, so a folder named ``<cfg.name>-*`` among ``names`` (the store's folders) counts when its
+    ``config.yaml``, read by this code, is ``cfg``."""
     root = Store(cfg.store.uri, cfg.store.storage_options)
     own = root.child(cfg.run_name)
     if own.exists("report.json"):
         return own
-    for name in root.list(""):
+    for name in names:
         run = root.child(name)
         if name.startswith(f"{cfg.name}-") and run.exists("report.json") and run.exists("config.yaml"):
             try:
