@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issues 25 and 26: the verdicts matrix (and the refine matrix's cells) one cell at a time, each archived as it
-# finishes (benchmarks/matrix_archive.py), in the order docs/benchmarks.md reports: IPC 10 with the refine cells,
-# then IPC 1, IPC 50, diffusion last. Run it from a frozen clone of the commit the matrix started with:
+# finishes (benchmarks/matrix_archive.py), in the order used: RDED, FADRM, herding and k-center at IPC 10, the
+# refine matrix (issue 26) at IPC 10, 1 and 50, then every verdicts cell at IPC 10, 1 and 50, diffusion last.
+# A finished cell costs one cache read when the order reaches it again. Run it from a frozen clone of the commit
+# the matrix started with (or a later one whose scripts/stage_hashes.py prints the same digest):
 #
 #   benchmarks/verdicts_matrix.sh STORE ARCHIVE       # e.g. /work/v10 <main>/benchmarks/results/fashion-mnist-verdicts
 #
@@ -22,12 +24,13 @@ done; }
 SELECTION="herding kcenter random ca2d cad el2n forgetting sre2l cda gvbsm"
 cell fashion-mnist-verdicts 10 rded
 cell fashion-mnist-refine 10 refine-fadrm
-cell fashion-mnist-verdicts 10 $SELECTION
+cell fashion-mnist-verdicts 10 herding kcenter
 cell fashion-mnist-refine 10 rded refine-random refine-cim refine-edc
-cell fashion-mnist-verdicts 1 rded $SELECTION
 cell fashion-mnist-refine 1 rded refine-fadrm
-cell fashion-mnist-verdicts 50 rded $SELECTION
 cell fashion-mnist-refine 50 rded refine-fadrm
+cell fashion-mnist-verdicts 10 $SELECTION
+cell fashion-mnist-verdicts 1 rded $SELECTION
+cell fashion-mnist-verdicts 50 rded $SELECTION
 cell fashion-mnist-verdicts 1 diffusion
 cell fashion-mnist-verdicts 10 diffusion
 cell fashion-mnist-verdicts 50 diffusion
