@@ -60,6 +60,28 @@ def test_with_several_random_subsets_a_subset_is_the_unit_of_the_random_side():
     assert compare([0.80, 0.82, 0.81], [0.75, 0.76], draw_means=[0.755])["random_units"] == "students"  # one subset
 
 
+def test_the_set_against_a_new_random_subset_on_a_hand_example():
+    from ddpipe.scores import against_random, new_subset_interval
+
+    # five subsets' means 70/72/74/76/78 %: mean 74, sd sqrt((16 + 4 + 0 + 4 + 16) / 4) = 3.1623 points,
+    # t(0.975, 4) = 2.776, sqrt(1 + 1/5) = 1.095445: a new subset's mean lies within 74 +- 9.6163 points.
+    means = [0.70, 0.72, 0.74, 0.76, 0.78]
+    c = new_subset_interval([0.84, 0.85, 0.86], means)
+    assert c["difference"] == pytest.approx(0.11)
+    assert c["ci95"] == pytest.approx([0.11 - 0.096163, 0.11 + 0.096163], abs=1e-6)
+    assert (c["verdict"], c["method"], c["subsets"]) == ("above", "prediction-t", 5)
+    assert new_subset_interval([0.64], means)["verdict"] == "below"  # -10 +- 9.62 points; one seed is enough
+    # 79/80/81 %: Welch on the two means says above (6 +- 3.93 points: v1 = 0.0001/3, v2 = 0.001/5, df 5.16 ->
+    # t 2.571), but a new random subset beats 80 % often enough: 6 +- 9.62 points, level.
+    c = against_random([0.79, 0.80, 0.81], [], means)
+    assert c["verdict"] == "level" and c["welch"]["verdict"] == "above"
+    assert c["welch"]["ci95"] == pytest.approx([0.06 - 2.571 * 0.015275, 0.06 + 2.571 * 0.015275], abs=1e-5)
+    # each subset against the other four is level: the verdict does not call a random subset above random
+    assert [new_subset_interval([m], means[:k] + means[k + 1:])["verdict"] for k, m in enumerate(means)] == ["level"] * 5
+    assert new_subset_interval([0.8], [0.7])["verdict"] == "n/a"  # one subset: no spread to predict from
+    assert against_random([0.8, 0.81], [0.7, 0.71], [0.705])["method"] == "welch-t"  # one subset: Welch on students
+
+
 def test_every_regime_of_a_report_carries_its_verdict():
     from ddpipe.report import regime_results, results_rows, results_table
 
@@ -90,8 +112,13 @@ def test_the_random_side_pools_every_draw_and_seed():
     assert hard["random"]["draws"] == 3 and hard["random"]["values"] == [0.75, 0.77, 0.76, 0.70, 0.71, 0.72, 0.74]
     assert hard["random"]["mean"] == pytest.approx(0.7357142857) and len(hard["distilled"]["values"]) == 3
     assert hard["random"]["draw_means"] == pytest.approx([0.76, 0.71, 0.74])  # in draw order; one file per seed
-    assert hard["comparison"] == compare([0.80, 0.82, 0.81], hard["random"]["values"], hard["random"]["draw_means"])
-    assert hard["comparison"]["random_units"] == "subsets"
+    welch = compare([0.80, 0.82, 0.81], hard["random"]["values"], hard["random"]["draw_means"])
+    assert hard["comparison"]["welch"] == {"ci95": welch["ci95"], "verdict": welch["verdict"]}
+    assert hard["comparison"]["random_units"] == "subsets" and hard["comparison"]["method"] == "prediction-t"
+    # 81 % against a new subset: 81 - 73.67 = 7.33 points, +- t(2) * sd(76, 71, 74) * sqrt(4/3) = 4.303 * 2.5166 *
+    # 1.1547 = 12.50 points: level, where Welch (the set's mean against the subsets' mean) says above
+    assert hard["comparison"]["ci95"] == pytest.approx([0.0733 - 0.1250, 0.0733 + 0.1250], abs=2e-4)
+    assert (hard["comparison"]["verdict"], welch["verdict"]) == ("level", "above")
 
 
 def test_students_trained_differently_are_not_compared():

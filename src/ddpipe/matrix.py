@@ -11,7 +11,7 @@ The report, written to ``<store>/matrices/<name>-<hash>/``:
 - ``report.json``: ``{"matrix": name, "cells": [{"method", "ipc", "run", "regimes": {...}, "scores":
   {...}}], "rows": [...], "not_run": [{"method", "ipc", "reason"}], "pending": [{"method", "ipc"}]}``, one row
   per (method, ipc, regime) with ``distilled``, ``random``, ``full`` (means and stds, fractions), ``ior``,
-  ``comparison`` (:func:`ddpipe.scores.compare`), ``hlr``, ``lrs``;
+  ``comparison`` (:func:`ddpipe.scores.against_random`), ``hlr``, ``lrs``;
 - ``report.md``: the verdicts at 95 % (which methods are above and below random, in which regime and at which
   IPC), a Markdown table per regime (rows: methods; columns: IPCs; mean +- std in percent, the difference to
   random with its 95 % interval and verdict), the HLR and LRS tables, and the cells not run (``not_run``, with
@@ -231,7 +231,7 @@ def verdict_lines(rows: list[dict]) -> list[str]:
     out.append(f"- level with random (the interval covers 0): {len(level)} of {len(rows)} cells")
     other = [r for r in rows if (r.get("comparison") or {}).get("verdict") not in ("above", "below", "level")]
     if other:
-        out.append(f"- no verdict (fewer than 2 accuracies a side, or refused): {len(other)} cells")
+        out.append(f"- no verdict (fewer than 2 random subsets or accuracies, or refused): {len(other)} cells")
     return out
 
 
@@ -248,10 +248,13 @@ def markdown_report(name: str, rows: list[dict], not_run: list[tuple[str, int, s
     out = [f"# Evaluation matrix: {name}", "", *[f"{n}" for n in notes], *([""] if notes else []),
            "Top-1 test accuracy (%) at the final step, mean ± std over student seeds; then the difference to the "
            "random subsets of the same IPC (same regime and students; mean over draws x seeds) in points, its 95 % "
-           "Welch t interval and the verdict: above, level (the interval covers 0) or below. The interval takes "
-           "the distilled set's seeds against the random subsets' means (one unit per subset, averaged over the "
-           "same seeds), so it carries the spread between subsets. Random subset and full training set rows are "
-           "the references.", "", "## Verdicts at 95 %", "", *verdict_lines(rows), ""]
+           "interval and the verdict: above, level (the interval covers 0) or below. With two or more random "
+           "subsets the interval is the t prediction interval of a new random subset's mean (n - 1 degrees of "
+           "freedom over n subsets, each averaged over the same seeds as the set): the verdict says whether the "
+           "set beats a random subset drawn anew, and a set that is just another random subset is called level 95 % "
+           "of the time (ddpipe.scores.against_random). report.json keeps Welch's interval of the set's mean "
+           "against the subsets' mean next to it (\"welch\"). Random subset and full training set rows are the "
+           "references.", "", "## Verdicts at 95 %", "", *verdict_lines(rows), ""]
     for regime in regimes:
         out += [f"## {regime}", "", head]
         for m in methods:

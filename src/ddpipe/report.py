@@ -19,9 +19,11 @@ Schema (all accuracies are fractions in [0, 1]):
                     "draws": 3, "draw_means": [...]},              # evaluation.baseline is off; each subset's mean
       "full":      {"mean": 0.9, ...},   # hard only, with evaluation.full: the whole training split, same budget
       "improvement_over_random": 0.1,                                # DD-Ranking's IOR (null without baseline)
-      "comparison": {"difference": 0.1, "ci95": [0.05, 0.15],       # ddpipe.scores.compare: Welch's 95 % t
-                     "verdict": "above", "method": "welch-t",         # interval; the random side's units are
-                     "random_units": "subsets"},                      # its subsets (2+ draws) or its students
+      "comparison": {"difference": 0.1, "ci95": [0.05, 0.15],       # ddpipe.scores.against_random: the set
+                     "verdict": "above", "method": "prediction-t",    # against a new random subset (2+ draws:
+                     "random_units": "subsets", "subsets": 3,         # 95 % t prediction interval), with
+                     "welch": {"ci95": [0.08, 0.12], "verdict": "above"}},  # Welch's interval of the means;
+                                                                     # 1 draw: welch-t over its students
       "steps": 600                                                   # student steps of each run
     }
   },
@@ -46,7 +48,7 @@ from ddpipe.evaluate import student_models, summarize
 from ddpipe.imageset import draw_of, image_grid, png_bytes, read_class, side_of
 from ddpipe.manifests import StageManifest, stage_files
 from ddpipe.pipeline import Context
-from ddpipe.scores import compare, hard_label_recovery, label_robust_score
+from ddpipe.scores import against_random, hard_label_recovery, label_robust_score
 
 GRID_CLASSES, GRID_IMAGES = 20, 10  # distilled/grid.png shows at most this many classes and images per class
 
@@ -108,7 +110,7 @@ def generation_summary(store, manifests: dict[str, StageManifest]) -> dict | Non
 
 def regime_results(results: list[dict], regimes, student: int) -> dict:
     """Per regime: the distilled set's accuracies over seeds and the random subsets' over draws x seeds for one
-    student architecture, their difference (IOR) and its verdict (:func:`ddpipe.scores.compare`)."""
+    student architecture, their difference (IOR) and its verdict (:func:`ddpipe.scores.against_random`)."""
     out = {}
     for regime in regimes:
         entry, recipes = {}, {}
@@ -142,10 +144,10 @@ def regime_results(results: list[dict], regimes, student: int) -> dict:
 
 
 def comparison(entry: dict) -> dict:
-    """One regime's verdict (:func:`ddpipe.scores.compare`) from its entry in report.json: the distilled seeds
-    against the random subsets' means (``draw_means``; a report written before them has its draw-major
+    """One regime's verdict (:func:`ddpipe.scores.against_random`) from its entry in report.json: the distilled
+    seeds against the random subsets' means (``draw_means``; a report written before them has its draw-major
     ``values`` split evenly over its ``draws``)."""
-    return compare(entry["distilled"]["values"], entry["random"]["values"], draw_means(entry["random"]))
+    return against_random(entry["distilled"]["values"], entry["random"]["values"], draw_means(entry["random"]))
 
 
 def draw_means(random: dict) -> list[float] | None:
@@ -258,8 +260,8 @@ def regime_entries(report: dict) -> list[tuple[str | None, str, dict]]:
 
 def results_rows(report: dict) -> list[dict]:
     """The results as table rows (percent): per student and regime, the distilled set, the random subsets of
-    the same size (pooled over their draws), the difference with its 95 % interval and verdict (:func:`ddpipe.scores.compare`), plus the
-    full set where measured."""
+    the same size (pooled over their draws), the difference with its 95 % interval and verdict
+    (:func:`ddpipe.scores.against_random`) and Welch's verdict on the two means, plus the full set where measured."""
 
     def pct(v):
         return None if v is None else round(100 * v, 2)
@@ -272,7 +274,8 @@ def results_rows(report: dict) -> list[dict]:
                 "random": pct(e["random"]["mean"]), "random_std": pct(e["random"]["std"]),
                 "random_draws": e["random"].get("draws"),
                 "gain": pct(e["improvement_over_random"]), "gain_ci95_low": pct(low), "gain_ci95_high": pct(high),
-                "verdict": comparison.get("verdict"), "full": pct(e.get("full", {}).get("mean"))}
+                "verdict": comparison.get("verdict"), "mean_verdict": (comparison.get("welch") or {}).get("verdict"),
+                "full": pct(e.get("full", {}).get("mean"))}
 
     return [row(s, r, e) for s, r, e in regime_entries(report)]
 
@@ -293,10 +296,12 @@ def results_table(report: dict) -> str:
 
     rows = [(f"{student} {regime}" if student else regime, e) for student, regime, e in regime_entries(report)]
     width = max([9] + [len(name) for name, _ in rows])
+    welch = any("welch" in (e.get("comparison") or {}) for _, _, e in regime_entries(report))
     lines = [
         f"{report['method']} {report['dataset']} ipc={report['ipc']}  teacher {teacher_line(report['teacher'])}  "
         f"labels {report['labels']['bytes']} bytes",
-        f"{'regime':<{width}} {'distilled':>16} {'random':>16} {'Δ':>7}  95% interval of Δ, verdict",
+        f"{'regime':<{width}} {'distilled':>16} {'random':>16} {'Δ':>7}  95% interval of Δ, verdict"
+        + ("  (Welch on the means)" if welch else ""),
     ]
     for name, e in rows:
         c = e.get("comparison") or {}
@@ -304,15 +309,21 @@ def results_table(report: dict) -> str:
         verdict = (f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] {c['verdict']}" if ci
                    else "refused (see the warning)" if c.get("verdict") == "refused"
                    else "n/a (fewer than 2 accuracies a side)" if c else "")
+        if c.get("welch"):
+            w = c["welch"]
+            verdict += (f"  (Welch [{100 * w['ci95'][0]:+.2f}, {100 * w['ci95'][1]:+.2f}] {w['verdict']})"
+                        if w.get("ci95") else "  (Welch n/a)")
         lines.append(f"{name:<{width}} {cell(e['distilled']):>16} {cell(e['random']):>16} "
                      f"{delta(e['improvement_over_random'])}  {verdict}".rstrip())
     draws = {e["random"].get("draws") for _, _, e in regime_entries(report)} - {None, 0}
     if draws:
         n = max(draws)
-        units = ("each subset's mean over the seeds is one unit of the random side" if n > 1 else
-                 "one subset: the interval does not carry the spread between subsets")
-        lines.append(f"random: {n} random subset(s) x the same student seeds; the interval is Welch's t "
-                     f"interval of the difference of means ({units})")
+        lines.append(f"random: {n} random subsets x the same student seeds; the interval is the 95 % t prediction "
+                     "interval of the set against a new random subset (Welch's interval of the set's mean against "
+                     "the subsets' mean in brackets)" if n > 1 else
+                     "random: 1 random subset(s) x the same student seeds; the interval is Welch's t interval of the "
+                     "difference of means over the students (one subset: it does not carry the spread between "
+                     "subsets)")
     hard = report["regimes"].get("hard", {})
     if "full" in hard:
         hlr = report["scores"]["hard_label_recovery"]
