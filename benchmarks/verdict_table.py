@@ -1,0 +1,65 @@
+"""One IPC of a matrix report as the Markdown table docs/benchmarks.md shows: methods x regimes.
+
+``python benchmarks/verdict_table.py REPORT.json IPC``: REPORT is a matrix report (``ddpipe evaluate MATRIX
+--report-only``). Each cell: top-1 test accuracy (%) mean ± std over the seeds, then the difference to the random
+subsets in points with the report's 95 % interval and verdict (the set against a new random subset), and Welch's
+verdict on the two means after it; verdicts other than level in bold. Then the random subsets and the full
+training set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAMES = {"rded": "RDED", "kcenter": "k-center", "el2n": "EL2N", "cad": "CAD-Prune", "ca2d": "CA2D",
+         "random": "random (method)", "sre2l": "SRe2L", "cda": "CDA", "gvbsm": "G-VBSM (primary backbone)",
+         "refine-fadrm": "refine, FADRM", "refine-random": "refine, FADRM from random real images",
+         "refine-cim": "refine, CIM", "refine-edc": "refine, EDC"}
+REGIMES = ("hard", "soft", "soft_kd")
+
+
+def pct(s: dict) -> str:
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+
+
+def cell(row: dict) -> str:
+    c = row["comparison"]
+    if not c.get("ci95"):
+        return f"{pct(row['distilled'])} ({c['verdict']})"
+    (lo, hi), v = c["ci95"], c["verdict"]
+    text = f"{100 * c['difference']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] {v}"
+    welch = (c.get("welch") or {}).get("verdict")
+    return f"{pct(row['distilled'])} ({text if v == 'level' else f'**{text}**'}" + (f"; Welch {welch})" if welch else ")")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("report")
+    p.add_argument("ipc", type=int)
+    args = p.parse_args()
+    with open(args.report) as f:
+        rows = [r for r in json.load(f)["rows"] if r["ipc"] == args.ipc]
+    if not rows:
+        raise SystemExit(f"{args.report}: no finished cell at IPC {args.ipc}")
+    cells: dict[str, dict[str, str]] = {}
+    for row in rows:
+        cells.setdefault(row["method"], {})[row["regime"]] = cell(row)
+    ref = {r["regime"]: r for r in rows}
+    print("| method | hard | soft | soft + KD |\n| --- | --- | --- | --- |")
+    for method, c in cells.items():
+        print(f"| {NAMES.get(method, method)} | " + " | ".join(c.get(r, "") for r in REGIMES) + " |")
+    subsets = []
+    for r in REGIMES:
+        rd = ref[r]["random"] if r in ref else None
+        subsets.append("" if rd is None else f"{pct(rd)} (subset means {100 * min(rd['draw_means']):.2f} to "
+                       f"{100 * max(rd['draw_means']):.2f})")
+    draws = rows[0]["random"]["draws"]
+    print(f"| *random subsets ({draws} x the same seeds)* | " + " | ".join(subsets) + " |")
+    full = next((r["full"] for r in rows if r.get("full")), None)
+    if full:
+        print(f"| *full training set, same budget* | {pct(full)} | | |")
+
+
+if __name__ == "__main__":
+    main()
