@@ -119,6 +119,15 @@ def test_the_random_side_pools_every_draw_and_seed():
     # 1.1547 = 12.50 points: level, where Welch (the set's mean against the subsets' mean) says above
     assert hard["comparison"]["ci95"] == pytest.approx([0.0733 - 0.1250, 0.0733 + 0.1250], abs=2e-4)
     assert (hard["comparison"]["verdict"], welch["verdict"]) == ("level", "above")
+    from ddpipe.report import results_rows, results_table
+
+    report = {"method": "rded", "dataset": "fm", "ipc": 10, "teacher": {"val_accuracy": 0.9}, "labels": {"bytes": 1},
+              "regimes": {"hard": hard}, "student": "convnet"}
+    line = results_table(report).splitlines()[2]
+    # Δ is the pooled difference (81 - 73.57); Welch: se = sqrt(0.0001/3 + 0.00063333/3) = 0.015635, df 2.62 -> t
+    # 4.303: 7.33 +- 6.73 points
+    assert line.endswith("+7.43  [-5.17, +19.84] level  (Welch [+0.61, +14.06] above)"), line
+    assert (results_rows(report)[0]["verdict"], results_rows(report)[0]["mean_verdict"]) == ("level", "above")
 
 
 def test_students_trained_differently_are_not_compared():
