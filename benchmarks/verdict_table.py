@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from ddpipe.matrix import _pct as pct  # the matrix report's own "mean ± std"
+
 NAMES = {"rded": "RDED", "kcenter": "k-center", "el2n": "EL2N", "cad": "CAD-Prune", "ca2d": "CA2D",
          "random": "random (method)", "sre2l": "SRe2L", "cda": "CDA", "gvbsm": "G-VBSM (primary backbone)",
          "refine-fadrm": "refine, FADRM", "refine-random": "refine, FADRM from random real images",
          "refine-cim": "refine, CIM", "refine-edc": "refine, EDC"}
 REGIMES = ("hard", "soft", "soft_kd")
-
-
-def pct(s: dict) -> str:
-    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
 
 
 def cell(row: dict) -> str:

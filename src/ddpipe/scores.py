@@ -93,9 +93,9 @@ def against_random(distilled: list[float], random: list[float], draw_means: list
     (:func:`new_subset_interval`), with Welch's interval of the two means under ``welch``; with one subset only
     Welch's interval over the students (:func:`compare`, ``random_units: "students"``), which cannot carry the
     spread between subsets."""
-    if draw_means is None or len(draw_means) < 2:
-        return compare(distilled, random, draw_means)
     welch = compare(distilled, random, draw_means)
+    if draw_means is None or len(draw_means) < 2:
+        return welch
     return {**new_subset_interval(distilled, draw_means), "welch": {"ci95": welch["ci95"], "verdict": welch["verdict"]}}
 
 
