@@ -118,6 +118,13 @@ def test_the_report_gives_verdicts_and_names_cells_not_run_or_pending():
     assert "| herding | 81.00 ± 1.00 (+10.00 [" in md and "| pending |" in md
     assert "- gvbsm IPC 50: not run: four backbones: 9 h on 2 cores" in md and "- el2n IPC 50: not run: no time" in md
     assert "- herding IPC 50: pending" in md
+    assert "| *random subsets* | 71.00 ± 1.00 |  |" in md
+
+    # G-VBSM's students follow its own recipe, so its cells have their own random subsets: one row per reference
+    own = row("gvbsm", 10, [0.60, 0.61, 0.62], [0.50, 0.52, 0.54, 0.50, 0.52, 0.54])
+    md = markdown_report("t", rows + [own], order=("herding", "el2n", "rded", "gvbsm"))
+    assert "| *random subsets (herding, el2n, rded)* | 71.00 ± 1.00 |" in md
+    assert "| *random subsets (gvbsm)* | 52.00 ± 1.00 |" in md
 
 
 def test_the_report_of_finished_cells_runs_nothing_and_finds_folders_an_older_checkout_named(tmp_path):

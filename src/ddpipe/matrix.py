@@ -235,6 +235,27 @@ def verdict_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def _reference_rows(rows: list[dict], methods: list[str], ipcs: list[int]) -> list[str]:
+    """The random subsets and full training set rows of one regime. Methods whose students follow their own recipe
+    (G-VBSM's) have their own references: one row each per distinct reference, named by the methods it serves
+    when there is more than one."""
+    groups: dict[tuple, list[dict]] = {}  # rows sharing one reference, in the matrix file's order
+    for r in sorted(rows, key=lambda r: methods.index(r["method"]) if r["method"] in methods else len(methods)):
+        groups.setdefault((r["ipc"], json.dumps([r["random"].get("values"), (r["full"] or {}).get("values")])), []).append(r)
+    per_ipc = {i: [g for (ipc, _), g in groups.items() if ipc == i] for i in ipcs}
+    out = []
+    for k in range(max((len(g) for g in per_ipc.values()), default=0)):
+        at = {i: per_ipc[i][k] if k < len(per_ipc[i]) else None for i in ipcs}
+        served = ", ".join(dict.fromkeys(r["method"] for g in at.values() if g for r in g))
+        suffix = f" ({served})" if any(len(g) > 1 for g in per_ipc.values()) else ""
+        out.append(f"| *random subsets{suffix}* | " + " | ".join(
+            _subsets(at[i][0]["random"]) if at[i] else "" for i in ipcs) + " |")
+        if any(at[i] and at[i][0]["full"] for i in ipcs):
+            out.append(f"| *full training set{suffix}* | " + " | ".join(
+                _pct(at[i][0]["full"]) if at[i] else "" for i in ipcs) + " |")
+    return out
+
+
 def markdown_report(name: str, rows: list[dict], not_run: list[tuple[str, int, str]] = (),
                     pending: list[tuple[str, int]] = (), notes: tuple[str, ...] = (), order: tuple[str, ...] = ()) -> str:
     listed = set([r["method"] for r in rows] + [m for m, _, _ in not_run] + [m for m, _ in pending])
@@ -263,11 +284,7 @@ def markdown_report(name: str, rows: list[dict], not_run: list[tuple[str, int, s
                 f"{_pct(c['distilled'])} ({_verdict(c)})" if c is not None
                 else "not run (see below)" if (m, i) in why else "pending" if (m, i) in waiting else ""
                 for c, i in zip(cells, ipcs)) + " |")
-        first = {i: next((r for r in rows if r["ipc"] == i and r["regime"] == regime), None) for i in ipcs}
-        out.append("| *random subsets* | " + " | ".join(_subsets(first[i]["random"]) if first[i] else "" for i in ipcs) + " |")
-        if any(first[i] and first[i]["full"] for i in ipcs):
-            out.append("| *full training set* | " + " | ".join(
-                _pct(first[i]["full"]) if first[i] else "" for i in ipcs) + " |")
+        out += _reference_rows([r for r in rows if r["regime"] == regime], methods, ipcs)
         out.append("")
     out += ["## Scores (DD-Ranking, on fractions)", "",
             "HLR: full-set accuracy minus the method's, hard labels, same budget (lower is better). LRS per regime: "
