@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ddpipe.matrix import _pct as pct  # the matrix report's own "mean ± std"
+from ddpipe.matrix import _pct as pct  # the matrix report's own cells
+from ddpipe.matrix import _subsets as subsets
+from ddpipe.matrix import reference_groups
 
 NAMES = {"rded": "RDED", "kcenter": "k-center", "el2n": "EL2N", "cad": "CAD-Prune", "ca2d": "CA2D",
          "random": "random (method)", "sre2l": "SRe2L", "cda": "CDA", "gvbsm": "G-VBSM (primary backbone)",
@@ -46,27 +48,18 @@ def main() -> None:
     print("| method | hard | soft | soft + KD |\n| --- | --- | --- | --- |")
     for method, c in cells.items():
         print(f"| {NAMES.get(method, method)} | " + " | ".join(c.get(r, "") for r in REGIMES) + " |")
-    # the random subsets of the first row, then those of any method whose students train another way (G-VBSM)
-    by_method: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        by_method.setdefault(row["method"], {})[row["regime"]] = row["random"]
-    sides: dict[str, dict] = {}
-    for method, regimes in by_method.items():
-        key = json.dumps({r: regimes[r]["values"] for r in sorted(regimes)})
-        sides.setdefault(key, {"method": method, "regimes": regimes})
-    for k, side in enumerate(sides.values()):
-        cols = []
-        for r in REGIMES:
-            rd = side["regimes"].get(r)
-            cols.append("" if rd is None else f"{pct(rd)} (subset means {100 * min(rd['draw_means']):.2f} to "
-                        f"{100 * max(rd['draw_means']):.2f})")
-        whose = "" if k == 0 else f", {side['method']}'s student recipe"
-        draws = next(iter(side["regimes"].values()))["draws"]
-        print(f"| *random subsets ({draws} x the same seeds{whose})* | " + " | ".join(cols) + " |")
+    # the references: one row per distinct random subsets (G-VBSM's students train another way), then the full set
+    per_regime = reference_groups(rows, list(cells), "regime")
+    for k in range(max(len(g) for g in per_regime.values())):
+        at = {r: per_regime[r][k] if k < len(per_regime.get(r, [])) else None for r in REGIMES}
+        first = next(g for g in at.values() if g)[0]
+        whose = "" if k == 0 else ", " + ", ".join(dict.fromkeys(r["method"] for g in at.values() if g for r in g)) \
+            + "'s student recipe"
+        print(f"| *random subsets ({first['random']['draws']} x the same seeds{whose})* | "
+              + " | ".join(subsets(g[0]["random"]) if g else "" for g in at.values()) + " |")
     full = next((r["full"] for r in rows if r.get("full")), None)
     if full:
         print(f"| *full training set, same budget* | {pct(full)} | | |")
-
 
 if __name__ == "__main__":
     main()

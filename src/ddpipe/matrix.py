@@ -235,14 +235,25 @@ def verdict_lines(rows: list[dict]) -> list[str]:
     return out
 
 
-def _reference_rows(rows: list[dict], methods: list[str], ipcs: list[int]) -> list[str]:
-    """The random subsets and full training set rows of one regime. Methods whose students follow their own recipe
-    (G-VBSM's) have their own references: one row each per distinct reference, named by the methods it serves
-    when there is more than one."""
-    groups: dict[tuple, list[dict]] = {}  # rows sharing one reference, in the matrix file's order
+def reference_groups(rows: list[dict], methods: list[str], column: str) -> dict[object, list[list[dict]]]:
+    """Rows that share one reference (random subsets and full training set), per value of ``row[column]`` (IPC or
+    regime), in the matrix file's order of methods. Methods whose students follow their own recipe (G-VBSM's)
+    have references of their own, so a column can hold more than one group."""
+    groups: dict[tuple, list[dict]] = {}
     for r in sorted(rows, key=lambda r: methods.index(r["method"]) if r["method"] in methods else len(methods)):
-        groups.setdefault((r["ipc"], json.dumps([r["random"].get("values"), (r["full"] or {}).get("values")])), []).append(r)
-    per_ipc = {i: [g for (ipc, _), g in groups.items() if ipc == i] for i in ipcs}
+        refs = json.dumps([r["random"].get("values"), (r["full"] or {}).get("values")])
+        groups.setdefault((r[column], refs), []).append(r)
+    out: dict[object, list[list[dict]]] = {}
+    for (col, _), g in groups.items():
+        out.setdefault(col, []).append(g)
+    return out
+
+
+def _reference_rows(rows: list[dict], methods: list[str], ipcs: list[int]) -> list[str]:
+    """The random subsets and full training set rows of one regime: one row each per distinct reference, named by
+    the methods it serves when there is more than one."""
+    per_ipc = reference_groups(rows, methods, "ipc")
+    per_ipc = {i: per_ipc.get(i, []) for i in ipcs}
     out = []
     for k in range(max((len(g) for g in per_ipc.values()), default=0)):
         at = {i: per_ipc[i][k] if k < len(per_ipc[i]) else None for i in ipcs}
