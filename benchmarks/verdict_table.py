@@ -61,5 +61,6 @@ def main() -> None:
     if full:
         print(f"| *full training set, same budget* | {pct(full)} | | |")
 
+
 if __name__ == "__main__":
     main()
