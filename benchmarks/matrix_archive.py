@@ -74,9 +74,10 @@ def copy(src: Path, dst: Path) -> int:
                 old.unlink()
         n += 1
     for folder in src.glob("shared/diffusion-states/*"):
-        if states(folder) and latest_training_state(folder) is None:  # trained: its weights are in shared/diffusion
+        found = states(folder)
+        if found and latest_training_state(folder) is None:  # trained: its weights are in shared/diffusion
             for old in states(dst / folder.relative_to(src)):
-                if old.name < states(folder)[-1].name:
+                if old.name < found[-1].name:
                     old.unlink()
     return n
 
